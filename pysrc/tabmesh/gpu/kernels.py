@@ -1,0 +1,135 @@
+"""WGSL kernel sources: where they live and what interface they declare.
+
+Every kernel in wgsl/ follows one convention so that Python can bind it without a
+per-kernel table:
+  * entry point `main`;
+  * all resources in @group(0);
+  * at most one `var<uniform>` whose type is a struct of 4-byte scalars (u32, i32, f32):
+    the shapes, offsets and flags of one dispatch (never pasted into the shader text);
+  * storage buffers addressed by variable name from Python.
+`parse_interface` reads those declarations, so the bind group layout is explicit (which
+lets the uniform binding use a dynamic offset) and the uniform struct is packed by field
+name with a clear error for a missing or unknown field.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+IN_PYODIDE = sys.platform == "emscripten"
+
+# In the browser the kernels are fetched relative to the page; the lead may point this
+# elsewhere before the first kernel is built.
+WGSL_BASE_URL = "wgsl/"
+
+_source_cache: dict[str, str] = {}
+
+
+def wgsl_dir() -> Path:
+    """Repository's wgsl/ folder (pysrc/tabmesh/gpu/kernels.py -> repo root)."""
+    return Path(__file__).resolve().parents[3] / "wgsl"
+
+
+def read_wgsl_file(name: str) -> str:
+    """Native only: the text of wgsl/NAME.wgsl."""
+    path = wgsl_dir() / f"{name}.wgsl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no WGSL kernel {name!r}: expected {path}")
+    return path.read_text()
+
+
+async def load_wgsl(name: str) -> str:
+    """The text of kernel NAME: a file natively, a fetch of WGSL_BASE_URL/NAME.wgsl in Pyodide."""
+    if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+        raise ValueError(f"bad kernel name {name!r}: use letters, digits and '_'")
+    if name in _source_cache:
+        return _source_cache[name]
+    if IN_PYODIDE:
+        from pyodide.http import pyfetch  # type: ignore[import-not-found]
+
+        url = f"{WGSL_BASE_URL}{name}.wgsl"
+        resp = await pyfetch(url)
+        if not resp.ok:
+            raise FileNotFoundError(f"no WGSL kernel {name!r}: GET {url} -> HTTP {resp.status}")
+        text = await resp.string()
+    else:
+        text = read_wgsl_file(name)
+    _source_cache[name] = text
+    return text
+
+
+@dataclass(frozen=True)
+class BindingDecl:
+    binding: int
+    name: str
+    kind: str  # WebGPU buffer binding type: "uniform", "storage", "read-only-storage"
+
+
+@dataclass(frozen=True)
+class KernelInterface:
+    storage: tuple[BindingDecl, ...]  # in binding order
+    uniform: BindingDecl | None
+    fields: tuple[tuple[str, str], ...]  # uniform struct (name, scalar type), in order
+
+    @property
+    def uniform_size(self) -> int:
+        return 4 * len(self.fields)
+
+    def pack(self, kernel: str, params: dict) -> bytes:
+        """Uniform bytes from params by field name; every field must be given."""
+        names = [n for n, _ in self.fields]
+        missing = [n for n in names if n not in params]
+        unknown = [n for n in params if n not in names]
+        if missing or unknown:
+            raise TypeError(f"kernel {kernel!r} uniform fields {names}: missing {missing}, unknown {unknown}")
+        out = bytearray()
+        for n, t in self.fields:
+            v = params[n]
+            if t == "f32":
+                out += struct.pack("<f", float(v))
+            elif t == "u32":
+                iv = int(v)
+                if not 0 <= iv < 2**32:
+                    raise ValueError(f"kernel {kernel!r} field {n}={v} does not fit u32")
+                out += struct.pack("<I", iv)
+            else:
+                out += struct.pack("<i", int(v))
+        return bytes(out)
+
+
+_BINDING_RE = re.compile(
+    r"@group\(\s*(\d+)\s*\)\s*@binding\(\s*(\d+)\s*\)\s*var\s*<\s*(uniform|storage)\s*(?:,\s*(read|read_write)\s*)?>"
+    r"\s*(\w+)\s*:\s*([^;]+);"
+)
+_STRUCT_RE = re.compile(r"struct\s+(\w+)\s*\{([^}]*)\}")
+_FIELD_RE = re.compile(r"(\w+)\s*:\s*(\w+)")
+
+
+def parse_interface(name: str, source: str) -> KernelInterface:
+    text = re.sub(r"//[^\n]*", "", source)
+    structs = {m.group(1): m.group(2) for m in _STRUCT_RE.finditer(text)}
+    storage, uniform, fields = [], None, ()
+    for m in _BINDING_RE.finditer(text):
+        group, binding, space, access, var, typ = m.groups()
+        if group != "0":
+            raise ValueError(f"kernel {name!r}: only @group(0) is supported ({var} is in group {group})")
+        if space == "uniform":
+            if uniform is not None:
+                raise ValueError(f"kernel {name!r}: more than one uniform binding")
+            uniform = BindingDecl(int(binding), var, "uniform")
+            typ = typ.strip()
+            if typ not in structs:
+                raise ValueError(f"kernel {name!r}: uniform {var} must be a struct declared in the file")
+            fields = tuple(_FIELD_RE.findall(structs[typ]))
+            bad = [f for f in fields if f[1] not in ("u32", "i32", "f32")]
+            if bad:
+                raise ValueError(f"kernel {name!r}: uniform struct fields must be u32/i32/f32, got {bad}")
+        else:
+            kind = "storage" if access == "read_write" else "read-only-storage"
+            storage.append(BindingDecl(int(binding), var, kind))
+    storage.sort(key=lambda b: b.binding)
+    return KernelInterface(tuple(storage), uniform, fields)

@@ -1,0 +1,192 @@
+"""The model kernels as Python calls that record dispatches into a Batch.
+
+Same code on both backends. Every op takes buffers and shapes (element offsets and row
+strides let ops read slices of fused buffers, e.g. Q, K, V of one QKV matvec output),
+checks that the buffers cover what the kernel will touch (WebGPU clamps out-of-bounds
+accesses silently, so a wrong size would give wrong numbers, not an error), packs the
+uniform struct and picks the grid. Kernels are compiled once in `Ops.create`.
+
+Weights stay in their GGUF blocks on the GPU (`dev.upload(raw_bytes)`). Tensors that feed
+the same input can share one buffer by concatenating their raw bytes: rows of a quantized
+matrix are whole blocks, so wq|wk|wv bytes form one [(n_head + 2 n_kv) * head_dim, dim]
+matrix and one matvec computes Q, K and V; likewise gate|up.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .device import Batch, Buffer, Device
+from .reference import BLOCK, F16, F32, Q4_0, Q4_1, Q8_0, TYPE_NAMES, row_bytes
+
+MATRIX_TYPES = (Q4_0, Q4_1, Q8_0)
+EMBED_TYPES = (F32, F16, Q4_0, Q4_1, Q8_0)
+
+
+def split_grid(n_workgroups: int, limit: int = 65535) -> tuple[int, int]:
+    """A 1-D count of workgroups as (x, y) within the per-dimension limit; kernels use x + y * nx."""
+    if n_workgroups <= limit:
+        return (n_workgroups, 1)
+    return (limit, -(-n_workgroups // limit))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _need(buf: Buffer, n_f32: int, what: str) -> None:
+    if n_f32 * 4 > buf.size:
+        raise ValueError(f"{what}: needs {n_f32 * 4} B but {buf} holds {buf.size} B")
+
+
+class Ops:
+    def __init__(self, dev: Device, kernels: dict, attention_wg: int, matvec_tpr: int):
+        self.dev = dev
+        self.k = kernels
+        self.attention_wg = attention_wg
+        self.matvec_tpr = matvec_tpr
+
+    @classmethod
+    async def create(cls, dev: Device, head_dim: int = 64, matrix_types=(Q4_1, Q8_0),
+                     embed_types=(Q8_0,), matvec_tpr: int = 16) -> "Ops":
+        """Compile every kernel the model needs, once, at load time."""
+        attention_wg = max(64, 1 << (head_dim - 1).bit_length())
+        kernels = {
+            "rmsnorm": await dev.kernel("rmsnorm"),
+            "rope": await dev.kernel("rope"),
+            "kv_store": await dev.kernel("kv_store"),
+            "attention": await dev.kernel("attention", WG=attention_wg),
+            "silu_mul": await dev.kernel("silu_mul"),
+            "add": await dev.kernel("add"),
+            "argmax": await dev.kernel("argmax"),
+        }
+        for t in embed_types:
+            kernels[f"embed_{t}"] = await dev.kernel("embed", QTYPE=t)
+        for t in matrix_types:
+            kernels[f"matvec_{t}"] = await dev.kernel(f"matvec_{TYPE_NAMES[t]}", TPR=matvec_tpr)
+            kernels[f"matmul_{t}"] = await dev.kernel(f"matmul_{TYPE_NAMES[t]}")
+        return cls(dev, kernels, attention_wg, matvec_tpr)
+
+    def _kernel(self, key: str, what: str):
+        if key not in self.k:
+            raise ValueError(f"{what} was not compiled: pass its type to Ops.create")
+        return self.k[key]
+
+    def embed(self, b: Batch, ids: Buffer, table: Buffer, out: Buffer, *, qtype: int, n_tokens: int,
+              dim: int, out_off: int = 0) -> None:
+        """out[out_off + t * dim ...] = row ids[t] of table (raw GGUF rows of qtype) as f32."""
+        _need(ids, n_tokens, "embed ids")
+        _need(out, out_off + n_tokens * dim, "embed out")
+        row_bytes(qtype, dim)
+        k = self._kernel(f"embed_{qtype}", f"embed for {TYPE_NAMES.get(qtype, qtype)}")
+        b.dispatch(k, split_grid(_cdiv(n_tokens * dim, 256)), ids=ids, table=table, out=out,
+                   n_tokens=n_tokens, dim=dim, out_off=out_off)
+
+    def rmsnorm(self, b: Batch, x: Buffer, w: Buffer, out: Buffer, *, n_rows: int, n: int, eps: float) -> None:
+        """out (n_rows, n) = rmsnorm(x (n_rows, n)) * w (n,)."""
+        _need(x, n_rows * n, "rmsnorm x")
+        _need(w, n, "rmsnorm weight")
+        _need(out, n_rows * n, "rmsnorm out")
+        b.dispatch(self.k["rmsnorm"], (n_rows,), x=x, w=w, out=out, n=n, eps=eps)
+
+    def rope(self, b: Batch, x: Buffer, *, n_tokens: int, n_heads: int, head_dim: int, pos0: int,
+             base: float, neox: bool, row_stride: int | None = None, x_off: int = 0,
+             n_rot: int | None = None, freq_scale: float = 1.0) -> None:
+        """Rotate heads [n_heads, head_dim] at x_off of each of n_tokens rows, in place."""
+        row_stride = n_heads * head_dim if row_stride is None else row_stride
+        n_rot = head_dim if n_rot is None else n_rot
+        if n_rot % 2 or n_rot > head_dim:
+            raise ValueError(f"rope: n_rot {n_rot} must be even and <= head_dim {head_dim}")
+        _need(x, (n_tokens - 1) * row_stride + x_off + n_heads * head_dim, "rope x")
+        b.dispatch(self.k["rope"], split_grid(_cdiv(n_tokens * n_heads * n_rot // 2, 256)), x=x,
+                   n_tokens=n_tokens, n_heads=n_heads, head_dim=head_dim, n_rot=n_rot, row_stride=row_stride,
+                   x_off=x_off, pos0=pos0, neox=int(bool(neox)), base=base, freq_scale=freq_scale)
+
+    def kv_store(self, b: Batch, src: Buffer, cache: Buffer, *, n_tokens: int, n_heads: int, head_dim: int,
+                 ctx: int, pos0: int, src_stride: int | None = None, src_off: int = 0, cache_off: int = 0) -> None:
+        """cache[cache_off:] as (n_heads, ctx, head_dim): positions pos0.. get the heads of src rows."""
+        if pos0 + n_tokens > ctx:
+            raise ValueError(f"kv_store: positions {pos0}..{pos0 + n_tokens - 1} exceed context {ctx}")
+        src_stride = n_heads * head_dim if src_stride is None else src_stride
+        _need(src, (n_tokens - 1) * src_stride + src_off + n_heads * head_dim, "kv_store src")
+        _need(cache, cache_off + n_heads * ctx * head_dim, "kv_store cache")
+        b.dispatch(self.k["kv_store"], split_grid(_cdiv(n_tokens * n_heads * head_dim, 256)), src=src, cache=cache,
+                   n_tokens=n_tokens, n_heads=n_heads, head_dim=head_dim, src_stride=src_stride, src_off=src_off,
+                   ctx=ctx, pos0=pos0, cache_off=cache_off)
+
+    def attention(self, b: Batch, q: Buffer, kv: Buffer, out: Buffer, *, n_tokens: int, n_heads: int,
+                  n_kv_heads: int, head_dim: int, ctx: int, pos0: int, k_off: int, v_off: int,
+                  q_stride: int | None = None, q_off: int = 0, out_stride: int | None = None,
+                  out_off: int = 0, scale: float | None = None) -> None:
+        """out (n_tokens, n_heads * head_dim) = causal GQA of q over cache positions 0..pos0+t."""
+        if n_heads % n_kv_heads:
+            raise ValueError(f"attention: n_heads {n_heads} is not a multiple of n_kv_heads {n_kv_heads}")
+        if head_dim > self.attention_wg:
+            raise ValueError(f"attention: head_dim {head_dim} > {self.attention_wg}; pass head_dim to Ops.create")
+        if pos0 + n_tokens > ctx:
+            raise ValueError(f"attention: positions up to {pos0 + n_tokens - 1} exceed context {ctx}")
+        q_stride = n_heads * head_dim if q_stride is None else q_stride
+        out_stride = n_heads * head_dim if out_stride is None else out_stride
+        _need(q, (n_tokens - 1) * q_stride + q_off + n_heads * head_dim, "attention q")
+        _need(kv, max(k_off, v_off) + n_kv_heads * ctx * head_dim, "attention kv cache")
+        _need(out, (n_tokens - 1) * out_stride + out_off + n_heads * head_dim, "attention out")
+        scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+        b.dispatch(self.k["attention"], (n_heads, n_tokens), q=q, kv=kv, out=out, n_tokens=n_tokens,
+                   n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, q_stride=q_stride, q_off=q_off,
+                   ctx=ctx, k_off=k_off, v_off=v_off, pos0=pos0, out_stride=out_stride, out_off=out_off,
+                   scale=scale)
+
+    def silu_mul(self, b: Batch, gu: Buffer, out: Buffer, *, n_tokens: int, n: int, in_stride: int | None = None,
+                 gate_off: int = 0, up_off: int | None = None) -> None:
+        """out (n_tokens, n) = silu(gate) * up; default layout is a fused gate|up row of 2n."""
+        in_stride = 2 * n if in_stride is None else in_stride
+        up_off = n if up_off is None else up_off
+        _need(gu, (n_tokens - 1) * in_stride + max(gate_off, up_off) + n, "silu_mul input")
+        _need(out, n_tokens * n, "silu_mul out")
+        b.dispatch(self.k["silu_mul"], split_grid(_cdiv(n_tokens * n, 256)), gu=gu, out=out, n_tokens=n_tokens,
+                   n=n, in_stride=in_stride, gate_off=gate_off, up_off=up_off)
+
+    def add(self, b: Batch, a: Buffer, other: Buffer, *, n: int, a_off: int = 0, b_off: int = 0) -> None:
+        """a[a_off:a_off+n] += other[b_off:b_off+n]."""
+        _need(a, a_off + n, "add a")
+        _need(other, b_off + n, "add b")
+        b.dispatch(self.k["add"], split_grid(_cdiv(n, 256)), a=a, b=other, n=n, a_off=a_off, b_off=b_off)
+
+    def _check_matrix(self, op: str, w: Buffer, qtype: int, rows: int, k: int) -> None:
+        if qtype not in MATRIX_TYPES:
+            raise ValueError(f"{op}: no kernel for GGML type {TYPE_NAMES.get(qtype, qtype)}; have "
+                             f"{[TYPE_NAMES[t] for t in MATRIX_TYPES]}")
+        nbytes = rows * row_bytes(qtype, k)
+        if nbytes > w.size:
+            raise ValueError(f"{op}: [{rows}, {k}] {TYPE_NAMES[qtype]} needs {nbytes} B but {w} holds {w.size} B")
+
+    def matvec(self, b: Batch, w: Buffer, x: Buffer, y: Buffer, *, qtype: int, rows: int, k: int,
+               x_off: int = 0, y_off: int = 0, accumulate: bool = False) -> None:
+        """y[y_off:y_off+rows] (+)= W (rows, k) · x[x_off:x_off+k], W in raw GGUF blocks."""
+        self._check_matrix("matvec", w, qtype, rows, k)
+        if x_off % 4:
+            raise ValueError(f"matvec: x_off {x_off} must be a multiple of 4 (x is read as vec4)")
+        _need(x, x_off + k, "matvec x")
+        _need(y, y_off + rows, "matvec y")
+        kern = self._kernel(f"matvec_{qtype}", f"matvec {TYPE_NAMES[qtype]}")
+        b.dispatch(kern, split_grid(_cdiv(rows, 256 // self.matvec_tpr)), w=w, x=x, y=y, rows=rows, k=k,
+                   x_off=x_off, y_off=y_off, acc=int(accumulate))
+
+    def matmul(self, b: Batch, w: Buffer, x: Buffer, y: Buffer, *, qtype: int, n_tokens: int, rows: int, k: int,
+               x_stride: int | None = None, x_off: int = 0, y_stride: int | None = None, y_off: int = 0,
+               accumulate: bool = False) -> None:
+        """Y[t, y_off + r] (+)= sum_i X[t, x_off + i] W[r, i]: the prefill form of matvec."""
+        self._check_matrix("matmul", w, qtype, rows, k)
+        x_stride = k if x_stride is None else x_stride
+        y_stride = rows if y_stride is None else y_stride
+        _need(x, (n_tokens - 1) * x_stride + x_off + k, "matmul x")
+        _need(y, (n_tokens - 1) * y_stride + y_off + rows, "matmul y")
+        kern = self._kernel(f"matmul_{qtype}", f"matmul {TYPE_NAMES[qtype]}")
+        b.dispatch(kern, (_cdiv(rows, 64), _cdiv(n_tokens, 32)), w=w, x=x, y=y, n_tokens=n_tokens, rows=rows,
+                   k=k, x_stride=x_stride, x_off=x_off, y_stride=y_stride, y_off=y_off, acc=int(accumulate))
+
+    def argmax(self, b: Batch, x: Buffer, out: Buffer, *, n: int, x_off: int = 0) -> None:
+        """out[0] = argmax x[x_off:x_off+n] (u32), out[1] = its f32 bits."""
+        _need(x, x_off + n, "argmax x")
+        _need(out, 2, "argmax out")
+        b.dispatch(self.k["argmax"], (1,), x=x, out=out, n=n, x_off=x_off)

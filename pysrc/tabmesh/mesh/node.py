@@ -1,0 +1,248 @@
+"""A mesh node: the peer table, signaling reactions and frame dispatch.
+
+Transport-free on purpose. The browser plugs in a WebSocket signaling client and
+RTCPeerConnection links (mesh/rtc.py); native tests plug in in-memory pairs. A link is any
+object with:
+
+    link.peer_id                     the remote peer's id
+    await link.start()               begin connecting (the initiator creates the offer)
+    await link.handle_signal(data)   an offer / answer / ICE candidate from the remote peer
+    await link.send(frame_bytes)     one frame on the data channel (waits out backpressure)
+    link.max_frame                   largest frame the channel takes, in bytes
+    link.close()
+
+and it reports back through node.link_state(peer_id, state), node.link_frame(peer_id, data)
+and node.link_closed(peer_id). Who offers: the newcomer, to every peer listed in its
+welcome message; existing peers wait for that offer. So two peers never offer to each other.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..jsbridge import TaskSet
+from .frames import FrameError, Kind, Reassembler, decode_frame, encode_message
+
+log = logging.getLogger("tabmesh.mesh")
+
+PING_INTERVAL_S = 2.0
+INBOX_LIMIT = 64  # DATA messages kept for inspection (digest + size + head), oldest dropped
+
+
+@dataclass
+class PeerInfo:
+    peer_id: str
+    state: str = "new"            # new → connecting → open → closed (mirrors RTCDataChannel/PC)
+    rtt_ms: float | None = None
+    joined_at: float = field(default_factory=time.monotonic)
+    link: Any = None
+
+    def public(self) -> dict:
+        return {"peerId": self.peer_id, "state": self.state,
+                "rttMs": None if self.rtt_ms is None else round(self.rtt_ms, 3)}
+
+
+class Node:
+    def __init__(self, make_link: Callable[["Node", str, bool], Any], send_signaling: Callable[[dict], None],
+                 on_change: Callable[[], None] = lambda: None, clock=time.perf_counter):
+        self.make_link = make_link
+        self.send_signaling = send_signaling
+        self.on_change = on_change
+        self.clock = clock
+        self.peer_id: str | None = None
+        self.room: str | None = None
+        self.peers: dict[str, PeerInfo] = {}
+        self.reassembler = Reassembler()
+        self.inbox: list[dict] = []
+        self.dropped_frames = 0
+        self.tasks = TaskSet(on_error=lambda what, exc: log.warning("%s: %s", what, exc))
+        self._request_ids = itertools.count(1)
+        self._waiters: dict[tuple[str, int], asyncio.Future] = {}
+        self._ping_sent: dict[tuple[str, int], float] = {}
+        self._open_waiters: list[tuple[Callable[[], bool], asyncio.Future]] = []
+
+    # ---- signaling ---------------------------------------------------------------------
+    def on_signaling(self, msg: dict) -> None:
+        """React to one validated server→client signaling message."""
+        kind = msg.get("type")
+        if kind == "welcome":
+            self.peer_id, self.room = msg["peerId"], msg["room"]
+            for pid in msg["peers"]:
+                self._add_peer(pid, initiator=True)
+        elif kind == "peer-joined":
+            self._add_peer(msg["peerId"], initiator=False)
+        elif kind == "peer-left":
+            self._remove_peer(msg["peerId"])
+        elif kind == "signal":
+            pid = msg["from"]
+            info = self.peers.get(pid) or self._add_peer(pid, initiator=False)
+            self.tasks.spawn(info.link.handle_signal(msg["data"]), f"signal from {pid}")
+        self._changed()
+
+    def send_signal(self, peer_id: str, data: dict) -> None:
+        self.send_signaling({"type": "signal", "to": peer_id, "data": data})
+
+    def _add_peer(self, peer_id: str, initiator: bool) -> PeerInfo:
+        if peer_id == self.peer_id:
+            raise ValueError("the server listed this node as its own peer")
+        old = self.peers.get(peer_id)
+        if old is not None:
+            return old
+        info = PeerInfo(peer_id, state="connecting")
+        info.link = self.make_link(self, peer_id, initiator)
+        self.peers[peer_id] = info
+        self.tasks.spawn(info.link.start(), f"connect to {peer_id}")
+        return info
+
+    def _remove_peer(self, peer_id: str) -> None:
+        info = self.peers.pop(peer_id, None)
+        if info is None:
+            return
+        info.state = "closed"
+        self.reassembler.drop_sender(peer_id)
+        for key, fut in list(self._waiters.items()):
+            if key[0] == peer_id and not fut.done():
+                fut.set_exception(ConnectionError(f"peer {peer_id} left"))
+        try:
+            info.link.close()
+        except Exception as exc:  # a broken link must not stop the node
+            log.warning("closing link to %s: %s", peer_id, exc)
+        self._changed()
+
+    # ---- link callbacks ----------------------------------------------------------------
+    def link_state(self, peer_id: str, state: str) -> None:
+        info = self.peers.get(peer_id)
+        if info is None or info.state == state:
+            return
+        info.state = state
+        if state == "open":
+            self.tasks.spawn(self._send(peer_id, Kind.HELLO, json.dumps({"v": 1, "peerId": self.peer_id}).encode()),
+                             f"hello to {peer_id}")
+            self.tasks.spawn(self._ping_loop(peer_id), f"pings to {peer_id}")
+        self._changed()
+
+    def link_closed(self, peer_id: str) -> None:
+        self._remove_peer(peer_id)
+
+    def link_frame(self, peer_id: str, data: bytes) -> None:
+        """One data-channel message. Malformed frames are counted and dropped, never raised."""
+        try:
+            message = self.reassembler.add(peer_id, decode_frame(data))
+        except FrameError as exc:
+            self.dropped_frames += 1
+            log.warning("dropped frame from %s: %s", peer_id, exc)
+            return
+        if message is not None:
+            try:
+                self._dispatch(peer_id, *message)
+            except Exception as exc:
+                self.dropped_frames += 1
+                log.warning("bad message from %s: %s", peer_id, exc)
+
+    def _dispatch(self, peer_id: str, kind: Kind, rid: int, payload: bytes) -> None:
+        if kind == Kind.PING:
+            self.tasks.spawn(self._send(peer_id, Kind.PONG, payload, rid), "pong")
+        elif kind == Kind.PONG:
+            sent = self._ping_sent.pop((peer_id, rid), None)
+            if sent is not None:
+                rtt = (self.clock() - sent) * 1000.0
+                info = self.peers.get(peer_id)
+                if info is not None:
+                    info.rtt_ms = rtt
+                self._resolve(peer_id, rid, rtt)
+                self._changed()
+        elif kind == Kind.ECHO:
+            self.tasks.spawn(self._send(peer_id, Kind.ECHO_REPLY, payload, rid), "echo reply")
+        elif kind == Kind.ECHO_REPLY:
+            self._resolve(peer_id, rid, payload)
+        elif kind == Kind.DATA:
+            self.inbox.append({"from": peer_id, "size": len(payload),
+                               "sha256": hashlib.sha256(payload).hexdigest()})
+            del self.inbox[:-INBOX_LIMIT]
+            self._changed()
+        elif kind == Kind.HELLO:
+            hello = json.loads(payload)
+            if hello.get("peerId") != peer_id:
+                raise ValueError(f"hello claims id {hello.get('peerId')!r} on the link of {peer_id}")
+        elif kind == Kind.ERROR:
+            self._fail(peer_id, rid, json.loads(payload))
+
+    # ---- requests ----------------------------------------------------------------------
+    def _resolve(self, peer_id: str, rid: int, value) -> None:
+        fut = self._waiters.pop((peer_id, rid), None)
+        if fut is not None and not fut.done():
+            fut.set_result(value)
+
+    def _fail(self, peer_id: str, rid: int, err: dict) -> None:
+        fut = self._waiters.pop((peer_id, rid), None)
+        if fut is not None and not fut.done():
+            fut.set_exception(RuntimeError(f"{err.get('type')}: {err.get('message')}"))
+
+    async def _send(self, peer_id: str, kind: Kind, payload: bytes, rid: int | None = None) -> int:
+        info = self.peers.get(peer_id)
+        if info is None or info.state != "open":
+            raise ConnectionError(f"no open channel to peer {peer_id}")
+        rid = next(self._request_ids) % 2**32 if rid is None else rid
+        for frame in encode_message(kind, rid, payload, max_frame=info.link.max_frame):
+            await info.link.send(frame)
+        return rid
+
+    async def _request(self, peer_id: str, kind: Kind, payload: bytes, timeout_s: float):
+        rid = next(self._request_ids) % 2**32
+        fut = asyncio.get_event_loop().create_future()
+        self._waiters[(peer_id, rid)] = fut
+        if kind == Kind.PING:
+            self._ping_sent[(peer_id, rid)] = self.clock()
+        try:
+            await self._send(peer_id, kind, payload, rid)
+            return await asyncio.wait_for(fut, timeout_s)
+        finally:
+            self._waiters.pop((peer_id, rid), None)
+            self._ping_sent.pop((peer_id, rid), None)
+
+    async def ping(self, peer_id: str, timeout_s: float = 5.0) -> float:
+        """Round-trip time in ms of one PING over the data channel."""
+        return await self._request(peer_id, Kind.PING, b"", timeout_s)
+
+    async def echo(self, peer_id: str, payload: bytes, timeout_s: float = 30.0) -> bytes:
+        return await self._request(peer_id, Kind.ECHO, payload, timeout_s)
+
+    async def send_data(self, peer_id: str, payload: bytes) -> None:
+        await self._send(peer_id, Kind.DATA, payload)
+
+    async def wait_open(self, count: int, timeout_s: float = 30.0) -> None:
+        """Wait until at least `count` peers have an open channel."""
+        deadline = time.monotonic() + timeout_s
+        while sum(p.state == "open" for p in self.peers.values()) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"fewer than {count} open peers after {timeout_s} s")
+            await asyncio.sleep(0.02)
+
+    async def _ping_loop(self, peer_id: str) -> None:
+        while peer_id in self.peers and self.peers[peer_id].state == "open":
+            try:
+                await self.ping(peer_id, timeout_s=PING_INTERVAL_S * 2)
+            except (asyncio.TimeoutError, ConnectionError):
+                pass
+            await asyncio.sleep(PING_INTERVAL_S)
+
+    # ---- views -------------------------------------------------------------------------
+    def peer_list(self) -> list[dict]:
+        return [p.public() for p in sorted(self.peers.values(), key=lambda p: p.joined_at)]
+
+    def _changed(self) -> None:
+        try:
+            self.on_change()
+        except Exception as exc:
+            log.warning("ui update failed: %s", exc)
+
+    def close(self) -> None:
+        for pid in list(self.peers):
+            self._remove_peer(pid)
+        self.tasks.cancel_all()

@@ -1,0 +1,189 @@
+"""Wires the node to the page: GPU probe, signaling, peers, the window.tabmesh API, the DOM.
+
+Runs only in the tab (PyScript). Everything it calls is importable natively; this module
+is the one that owns the DOM and the public JS surface defined in web/bootstrap.js.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+
+from .jsbridge import IN_PYODIDE, ProxyBag, TaskSet, js, js_error_message, js_obj, py_bytes
+from .mesh.node import Node
+from .mesh.rtc import RTCLink
+from .mesh.signaling import SignalingClient, SignalingError
+
+log = logging.getLogger("tabmesh.page")
+DEFAULT_ROOM = "lobby"
+_current_page = None  # the running Page; its proxies and tasks must outlive main()
+
+
+class PageUI:
+    """Every DOM write goes through here, as text (never innerHTML)."""
+
+    def __init__(self):
+        self.doc = js.document
+        self.api = js.window.tabmesh
+
+    def _el(self, id_):
+        return self.doc.getElementById(id_)
+
+    def status(self, text: str, done: bool = False) -> None:
+        self._el("status").textContent = text
+        self._el("progress").hidden = done
+
+    def field(self, id_: str, text: str) -> None:
+        self._el(id_).textContent = text
+
+    def error(self, text: str) -> None:
+        log.warning("%s", text)
+        self.api._showError(text)
+
+    def render_peers(self, peers: list[dict]) -> None:
+        body = self._el("peers").tBodies[0]
+        body.replaceChildren()
+        for p in peers:
+            row = self.doc.createElement("tr")
+            row.dataset.peerId = p["peerId"]
+            rtt = "—" if p["rttMs"] is None else f"{p['rttMs']:.1f} ms"
+            for text, cls in ((p["peerId"], "peer"), (p["state"], f"state-{p['state']}"), (rtt, "rtt")):
+                cell = self.doc.createElement("td")
+                cell.className = cls
+                cell.textContent = text
+                row.append(cell)
+            body.append(row)
+        self._el("no-peers").hidden = bool(peers)
+
+
+async def probe_gpu(ui: PageUI):
+    """Open the WebGPU device and run the self-test; None (and a message) without a GPU."""
+    from .gpu import NoGPUError, open_device
+    from .gpu.selftest import run_selftest
+    try:
+        device = await open_device()
+    except NoGPUError as exc:
+        ui.field("gpu", "none")
+        ui.error(f"No WebGPU adapter: {exc} This tab still joins the mesh as a peer without a GPU.")
+        return None, None, None
+    info = device.info
+    ui.field("gpu", f"{info.get('vendor') or '?'} / {info.get('architecture') or '?'} "
+                    f"({info.get('description') or info.get('device') or 'WebGPU'})")
+    ui.status("running the GPU self-test kernel…")
+    result = await run_selftest(device)
+    ui.field("selftest", f"{result['kernel']} {result['m']}×{result['k']}·{result['k']}×{result['n']}: "
+                         f"{'ok' if result['ok'] else 'MISMATCH'} (max |err| {result['max_abs_err']:.2e})")
+    if not result["ok"]:
+        ui.error(f"GPU self-test failed: max |err| {result['max_abs_err']:.3g} against numpy")
+    return device, info, result
+
+
+class Page:
+    def __init__(self):
+        self.ui = PageUI()
+        self.proxies = ProxyBag()
+        self.tasks = TaskSet(on_error=lambda what, exc: self.ui.error(f"{what} failed: {js_error_message(exc)}"))
+        self.node: Node | None = None
+        self.signaling: SignalingClient | None = None
+        self.device = None
+        self.gpu_info = None
+        self.selftest = None
+
+    async def start(self) -> None:
+        params = js.URLSearchParams.new(js.location.search)
+        room = params.get("room") or DEFAULT_ROOM
+        self.ui.field("room", room)
+        self.ui.status("asking for a WebGPU adapter…")
+        try:
+            self.device, self.gpu_info, self.selftest = await probe_gpu(self.ui)
+        except Exception as exc:  # a broken GPU must not keep the tab out of the mesh
+            self.ui.error(f"GPU start-up failed: {js_error_message(exc)}")
+        self.ui.status(f"joining room {room}…")
+        scheme = "wss" if js.location.protocol == "https:" else "ws"
+        self.node = Node(make_link=lambda node, pid, initiator: RTCLink(node, pid, initiator),
+                         send_signaling=lambda msg: self.signaling.send(msg),
+                         on_change=lambda: self.ui.render_peers(self.node.peer_list()))
+        self.signaling = SignalingClient(f"{scheme}://{js.location.host}/ws", room,
+                                         on_message=self.node.on_signaling, on_error=self.ui.error,
+                                         on_closed=self._signaling_closed)
+        welcome = await self.signaling.connect()
+        self.node.on_signaling(welcome)
+        self.ui.field("peer-id", welcome["peerId"])
+        self._register_api()
+        self.proxies_unload = self.proxies(lambda _ev: self.close())
+        js.window.addEventListener("pagehide", self.proxies_unload)
+        self.ui.status(f"connected as {welcome['peerId']} in room {room}", done=True)
+        gpu = None
+        if self.gpu_info is not None:
+            gpu = {k: self.gpu_info[k] for k in ("vendor", "architecture", "features", "limits")}
+        js.window.tabmesh._ready(js_obj({"peerId": welcome["peerId"], "room": room, "gpu": gpu}))
+
+    def _signaling_closed(self, reason: str) -> None:
+        self.ui.error(f"{reason}. Existing peer connections stay up; reload the page to rejoin the room.")
+        self.ui.status("signaling disconnected", done=True)
+
+    # ---- window.tabmesh ------------------------------------------------------------------
+    def _async_handler(self, name: str, fn):
+        def handler(resolve, reject, *args):
+            async def run():
+                try:
+                    resolve(js_obj(await fn(*args)))
+                except Exception as exc:
+                    reject(js.Error.new(js_error_message(exc)))
+            self.tasks.spawn(run(), f"tabmesh.{name}")
+        js.window.tabmesh._register(name, self.proxies(handler))
+
+    def _sync_handler(self, name: str, fn):
+        js.window.tabmesh._register(name, self.proxies(lambda *args: js_obj(fn(*args))))
+
+    def _register_api(self) -> None:
+        node = self.node
+        self._sync_handler("peers", node.peer_list)
+        self._sync_handler("inbox", lambda: list(node.inbox))
+
+        async def ping(peer_id):
+            return await node.ping(str(peer_id))
+
+        async def echo(peer_id, data):
+            return await node.echo(str(peer_id), py_bytes(data))
+
+        async def send(peer_id, data):
+            await node.send_data(str(peer_id), py_bytes(data))
+            return True
+
+        async def self_test():
+            if self.device is None:
+                raise RuntimeError("this tab has no WebGPU device")
+            from .gpu.selftest import run_selftest
+            return await run_selftest(self.device)
+
+        for name, fn in (("ping", ping), ("echo", echo), ("send", send), ("selfTest", self_test)):
+            self._async_handler(name, fn)
+
+    def close(self) -> None:
+        if self.node is not None:
+            self.node.close()
+        if self.signaling is not None:
+            self.signaling.close()
+        self.tasks.cancel_all()
+
+
+async def main() -> Page:
+    if not IN_PYODIDE:
+        raise RuntimeError("tabmesh.page runs in the browser; use `tabmesh serve` and open the page")
+    global _current_page
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stdout)
+    page = _current_page = Page()
+    t0 = time.perf_counter()
+    try:
+        await page.start()
+    except SignalingError as exc:
+        js.window.tabmesh._fail(f"Could not join the mesh: {exc}")
+        page.ui.status("not connected", done=True)
+    except Exception as exc:
+        js.window.tabmesh._fail(f"Node start-up failed: {js_error_message(exc)}")
+        page.ui.status("start-up failed", done=True)
+        raise
+    log.info("node started in %.2f s", time.perf_counter() - t0)
+    return page

@@ -1,0 +1,74 @@
+"""Two and three tabs over real WebRTC data channels (in the test's network namespace)."""
+import hashlib
+import random
+import time
+
+import pytest
+
+from settings import config
+
+ONE_MB = 1 << 20
+
+
+def open_pair(open_node, new_browser, room):
+    """Two nodes in separate browser processes, with an open channel between them."""
+    a = open_node(room)
+    b = open_node(room, on_browser=new_browser())
+    a.wait_peers(lambda ps: [p["peerId"] for p in ps if p["state"] == "open"] == [b.peer_id], what="a sees b open")
+    b.wait_peers(lambda ps: [p["peerId"] for p in ps if p["state"] == "open"] == [a.peer_id], what="b sees a open")
+    return a, b
+
+
+def test_two_tabs_connect_and_exchange_a_megabyte_intact(open_node, new_browser, room):
+    a, b = open_pair(open_node, new_browser, room)
+    payload = random.Random(11).randbytes(ONE_MB)
+    digest = hashlib.sha256(payload).hexdigest()
+
+    # a → b as DATA: b's inbox holds the reassembled message
+    a.page.evaluate("([id, bytes]) => tabmesh.send(id, new Uint8Array(bytes))", [b.peer_id, list(payload)])
+    deadline = time.monotonic() + 30
+    while not b.page.evaluate("tabmesh.inbox()"):
+        assert time.monotonic() < deadline, "1 MB never arrived"
+        time.sleep(0.1)
+    (msg,) = b.page.evaluate("tabmesh.inbox()")
+    assert msg == {"from": a.peer_id, "size": ONE_MB, "sha256": digest}
+
+    # b → a → b as ECHO: both directions, bytes compared on the way back
+    echoed = b.page.evaluate(
+        "async ([id, bytes]) => { const r = await tabmesh.echo(id, new Uint8Array(bytes));"
+        " const h = await crypto.subtle.digest('SHA-256', r);"
+        " return [r.length, Array.from(new Uint8Array(h)).map(x => x.toString(16).padStart(2, '0')).join('')]; }",
+        [a.peer_id, list(payload)])
+    assert echoed == [ONE_MB, digest]
+
+    rtt = a.page.evaluate("(id) => tabmesh.ping(id)", b.peer_id)
+    assert 0 < rtt < 1000
+    peers = a.wait_peers(lambda ps: ps and ps[0]["rttMs"] is not None, what="periodic rtt")
+    assert peers[0]["rttMs"] > 0
+    # the page shows the peer with its state and round-trip time
+    row = a.page.locator(f"#peers tr[data-peer-id='{b.peer_id}']")
+    assert row.locator("td.state-open").inner_text() == "open"
+    assert row.locator("td.rtt").inner_text().endswith(" ms")
+
+
+def test_a_tab_in_another_room_never_sees_them(open_node, new_browser, room):
+    a, b = open_pair(open_node, new_browser, room)
+    c = open_node(room + "-other")
+    time.sleep(1.5)  # long enough for any join/offer to have crossed rooms, were it relayed
+    assert c.peers() == []
+    assert {p["peerId"] for p in a.peers()} == {b.peer_id}
+    assert {p["peerId"] for p in b.peers()} == {a.peer_id}
+    with pytest.raises(Exception, match="no open channel"):
+        c.page.evaluate("(id) => tabmesh.ping(id)", a.peer_id)
+
+
+def test_closing_a_tab_removes_it_within_the_heartbeat_timeout(open_node, new_browser, room):
+    a = open_node(room)
+    other = new_browser()
+    b = open_node(room, on_browser=other)
+    a.wait_peers(lambda ps: len(ps) == 1 and ps[0]["state"] == "open", what="a sees b")
+    t0 = time.monotonic()
+    other.close()  # the whole browser process goes away, as when a user kills it
+    a.wait_peers(lambda ps: ps == [], timeout_s=config.HEARTBEAT_TIMEOUT_S + 2.0, what="b removed")
+    assert time.monotonic() - t0 <= config.HEARTBEAT_TIMEOUT_S + 2.0
+    assert a.page.locator("#peers tbody tr").count() == 0

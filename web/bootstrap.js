@@ -1,0 +1,52 @@
+// The smallest JS that must exist: window.tabmesh (filled in by Python once it boots),
+// start-up progress, and errors shown on the page instead of only in the console.
+const handlers = new Map();
+let resolveReady, rejectReady;
+const ready = new Promise((res, rej) => { resolveReady = res; rejectReady = rej; });
+ready.catch(() => {}); // a failed boot is shown on the page; callers still see the rejection
+
+function showError(message) {
+  const box = document.getElementById("errors");
+  if (!box) return;
+  const line = document.createElement("p");
+  line.textContent = String(message);  // text, never HTML
+  box.append(line);
+}
+
+function status(text) {
+  const el = document.getElementById("status");
+  if (el) el.textContent = text;
+}
+
+function call(name, ...args) {
+  const fn = handlers.get(name);
+  if (!fn) return Promise.reject(new Error(`tabmesh.${name}() is not available yet: await tabmesh.ready first`));
+  return new Promise((resolve, reject) => fn(resolve, reject, ...args));
+}
+
+function callSync(name, fallback, ...args) {
+  const fn = handlers.get(name);
+  return fn ? fn(...args) : fallback;
+}
+
+window.tabmesh = {
+  ready,
+  peers: () => callSync("peers", []),
+  ping: (peerId) => call("ping", peerId),
+  echo: (peerId, bytes) => call("echo", peerId, bytes),
+  send: (peerId, bytes) => call("send", peerId, bytes),
+  inbox: () => callSync("inbox", []),
+  selfTest: () => call("selfTest"),
+  errors: [],
+  _register(name, fn) { handlers.set(name, fn); },
+  _ready(info) { resolveReady(info); },
+  _fail(message) { window.tabmesh.errors.push(String(message)); showError(message); rejectReady(new Error(message)); },
+  _showError(message) { window.tabmesh.errors.push(String(message)); showError(message); },
+  _status: status,
+};
+
+window.addEventListener("error", (e) => window.tabmesh._showError(e.message || String(e.error)));
+window.addEventListener("unhandledrejection", (e) => window.tabmesh._showError(`unhandled: ${e.reason && e.reason.message || e.reason}`));
+addEventListener("py:progress", (e) => status(`loading Python: ${e.detail}`));
+addEventListener("py:ready", () => status("Python is ready; starting the node…"));
+status("loading the Python runtime (Pyodide)…");
