@@ -38,7 +38,7 @@ log = logging.getLogger("signaling.server")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CSP = (
     "default-src 'self'; script-src 'self' 'unsafe-eval' 'wasm-unsafe-eval'; "
-    "style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; connect-src 'self'; "
+    "style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; connect-src 'self' blob: data:; "
     "worker-src 'self' blob:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 )
 FRAME_HARD_CAP_FACTOR = 4   # frames above this many times max_message_bytes are never buffered

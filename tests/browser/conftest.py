@@ -102,8 +102,10 @@ def new_browser(browser_type, browser_type_launch_args):
     """Extra browser processes, closed at session end (or earlier by the test)."""
     opened = []
 
-    def launch():
-        b = browser_type.launch(**browser_type_launch_args)
+    def launch(without_args: tuple[str, ...] = ()):
+        args = dict(browser_type_launch_args)
+        args["args"] = [a for a in args["args"] if a not in without_args]
+        b = browser_type.launch(**args)
         opened.append(b)
         return b
     yield launch
@@ -140,15 +142,22 @@ class Node:
 def open_node(app, browser):
     contexts = []
 
-    def open_(room: str, on_browser=None) -> Node:
-        ctx = (on_browser or browser).new_context()
-        ctx.set_default_timeout(config.ACTION_TIMEOUT_MS)
-        contexts.append(ctx)
+    def open_(room: str, on_browser=None, tab_of: Node | None = None, expect_ready: bool = True) -> Node:
+        """A node in a fresh context of `on_browser` (default: the session browser), or a
+        second tab beside `tab_of` (same context: shared cache, maybe the same renderer)."""
+        if tab_of is not None:
+            ctx = tab_of.page.context
+        else:
+            ctx = (on_browser or browser).new_context()
+            ctx.set_default_timeout(config.ACTION_TIMEOUT_MS)
+            contexts.append(ctx)
         page = ctx.new_page()
         requests: list[str] = []
         page.on("request", lambda r: requests.append(r.url))
         page.goto(app.room_url(room))
-        page.wait_for_function("window.tabmesh && window.tabmesh.ready", timeout=config.BOOT_TIMEOUT_MS)
+        page.wait_for_function("!!window.tabmesh", timeout=config.BOOT_TIMEOUT_MS)
+        if not expect_ready:
+            return Node(page, None, requests)
         info = page.evaluate("Promise.race([tabmesh.ready, new Promise((_, rej) => "
                              f"setTimeout(() => rej(new Error('boot timeout')), {config.BOOT_TIMEOUT_MS}))])")
         return Node(page, info, requests)
@@ -164,3 +173,13 @@ def open_node(app, browser):
 @pytest.fixture
 def room():
     return "t-" + secrets.token_hex(4)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and call.when == "call":
+        app_ = item.funcargs.get("app")
+        if app_ is not None:
+            report.sections.append(("tabmesh serve (last 60 lines)", "\n".join(app_.lines[-60:])))

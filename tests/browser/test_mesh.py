@@ -72,3 +72,14 @@ def test_closing_a_tab_removes_it_within_the_heartbeat_timeout(open_node, new_br
     a.wait_peers(lambda ps: ps == [], timeout_s=config.HEARTBEAT_TIMEOUT_S + 2.0, what="b removed")
     assert time.monotonic() - t0 <= config.HEARTBEAT_TIMEOUT_S + 2.0
     assert a.page.locator("#peers tbody tr").count() == 0
+
+
+def test_two_tabs_of_one_browser_connect(open_node, room):
+    # What a user does: a second tab of the same browser. The second boot is served from the
+    # HTTP cache (blob: URLs included, which the server's CSP must allow).
+    a = open_node(room)
+    b = open_node(room, tab_of=a)
+    a.wait_peers(lambda ps: [p["peerId"] for p in ps if p["state"] == "open"] == [b.peer_id], what="a sees b")
+    b.wait_peers(lambda ps: [p["peerId"] for p in ps if p["state"] == "open"] == [a.peer_id], what="b sees a")
+    assert b.page.evaluate("tabmesh.errors") == []
+    assert b.page.evaluate("(id) => tabmesh.ping(id)", a.peer_id) > 0

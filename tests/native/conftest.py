@@ -22,7 +22,7 @@ def gpu():
     dev.destroy()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def arun():
     """Run a coroutine to completion (the native backend does not depend on a running loop)."""
     return lambda coro: asyncio.run(coro)

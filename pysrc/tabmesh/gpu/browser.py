@@ -86,6 +86,8 @@ class BrowserDevice(Device):
             "description": str(getattr(ai, "description", "") or ""),
             "features": sorted(str(f) for f in device.features),
             "limits": limits,
+            "cpu_adapter": bool(getattr(ai, "isFallbackAdapter", False))
+            or str(getattr(ai, "architecture", "")) == "swiftshader",
         }
         super().__init__(info)
 
@@ -139,8 +141,11 @@ class BrowserDevice(Device):
                 cpass = enc.beginComputePass(_js({"label": label}))
                 # One typed array holds every dynamic offset; setBindGroup reads a slice of it.
                 offsets = js.Uint32Array.new(_js([c[2] or 0 for c in commands]))
+                last = None
                 for i, (pipeline, bind_group, dyn_offset, (x, y, z)) in enumerate(commands):
-                    cpass.setPipeline(pipeline)
+                    if pipeline is not last:  # consecutive dispatches of one kernel keep it
+                        cpass.setPipeline(pipeline)
+                        last = pipeline
                     if dyn_offset is None:
                         cpass.setBindGroup(0, bind_group)
                     else:

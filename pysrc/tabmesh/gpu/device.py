@@ -97,28 +97,33 @@ class Batch:
         if self._done:
             raise GPUError("this batch was already submitted; start a new one with dev.batch()")
         iface = kernel.interface
-        bufs = []
-        for decl in iface.storage:
-            b = args.pop(decl.name, None)
-            if not isinstance(b, Buffer):
-                raise TypeError(f"kernel {kernel.name!r} needs buffer {decl.name}= (a Buffer), got {b!r}")
-            bufs.append(b)
-        for i, a in enumerate(iface.storage):
-            for j in range(i):
-                if bufs[i] is bufs[j] and "storage" in (a.kind, iface.storage[j].kind):
-                    raise ValueError(f"kernel {kernel.name!r}: {bufs[i]} is bound as both {iface.storage[j].name} "
-                                     f"and {a.name} while one is writable (WebGPU forbids that aliasing)")
+        try:
+            bufs = tuple([args.pop(name) for name in iface.storage_names])
+        except KeyError:
+            missing = [n for n in iface.storage_names if n not in args]
+            raise TypeError(f"kernel {kernel.name!r} needs buffers {list(iface.storage_names)}; "
+                            f"missing {missing}") from None
+        for b, name in zip(bufs, iface.storage_names):
+            if type(b) is not Buffer:
+                raise TypeError(f"kernel {kernel.name!r} needs buffer {name}= (a Buffer), got {b!r}")
+        if len(set(bufs)) < len(bufs):
+            for i, a in enumerate(iface.storage):
+                for j in range(i):
+                    if bufs[i] is bufs[j] and "storage" in (a.kind, iface.storage[j].kind):
+                        raise ValueError(f"kernel {kernel.name!r}: {bufs[i]} is bound as both {iface.storage[j].name}"
+                                         f" and {a.name} while one is writable (WebGPU forbids that aliasing)")
         ubytes = iface.pack(kernel.name, args) if iface.uniform else None
         if ubytes is None and args:
             raise TypeError(f"kernel {kernel.name!r} takes no uniform fields, got {sorted(args)}")
-        grid = tuple(int(g) for g in (grid if isinstance(grid, (tuple, list)) else (grid,)))
-        grid = grid + (1,) * (3 - len(grid))
+        if type(grid) is not tuple or len(grid) != 3:
+            grid = tuple(int(g) for g in (grid if isinstance(grid, (tuple, list)) else (grid,)))
+            grid = grid + (1,) * (3 - len(grid))
+        x, y, z = grid
         lim = self.dev.max_workgroups_per_dim
-        if min(grid) < 0 or max(grid) > lim:
+        if not (0 <= x <= lim and 0 <= y <= lim and 0 <= z <= lim):
             raise ValueError(f"kernel {kernel.name!r}: grid {grid} outside 0..{lim} per dimension")
-        if min(grid) == 0:
-            return
-        self._dispatches.append((kernel, tuple(bufs), ubytes, grid))
+        if x and y and z:
+            self._dispatches.append((kernel, bufs, ubytes, grid))
 
     def read(self, buf: Buffer, offset: int = 0, nbytes: int | None = None) -> int:
         """Copy buf[offset:offset+nbytes] back after the pass; returns the index into run()'s result."""
@@ -186,7 +191,7 @@ class Device:
             self._write_buffer(buf.handle, offset, mv)
 
     def destroy_buffer(self, buf: Buffer) -> None:
-        self._bind_groups = {k: v for k, v in self._bind_groups.items() if buf.uid not in k[1]}
+        self._bind_groups = {k: v for k, v in self._bind_groups.items() if buf not in k[1] and buf is not k[2]}
         self._destroy_buffer(buf.handle)
 
     async def read(self, buf: Buffer, offset: int = 0, nbytes: int | None = None) -> bytes:
@@ -214,7 +219,7 @@ class Device:
 
     # -- submission ----------------------------------------------------------------------
     def _bind_group(self, kernel: Kernel, bufs: tuple, ring: Buffer | None):
-        key = (id(kernel), tuple(b.uid for b in bufs) + ((ring.uid,) if ring else ()))
+        key = (kernel, bufs, ring)  # Buffer and Kernel hash by identity
         bg = self._bind_groups.get(key)
         if bg is None:
             entries = [(d.binding, b.handle, b.size) for d, b in zip(kernel.interface.storage, bufs)]
@@ -282,6 +287,10 @@ class Device:
         raise NotImplementedError
 
     async def _map_read(self, handle, nbytes: int) -> bytes:  # backend
+        raise NotImplementedError
+
+    async def wait(self) -> None:  # backend
+        """Return when all submitted work has finished (for timing)."""
         raise NotImplementedError
 
     def destroy(self) -> None:  # backend

@@ -18,6 +18,7 @@ import re
 import struct
 import sys
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 IN_PYODIDE = sys.platform == "emscripten"
@@ -79,9 +80,29 @@ class KernelInterface:
     def uniform_size(self) -> int:
         return 4 * len(self.fields)
 
+    @cached_property
+    def _struct(self) -> struct.Struct:
+        return struct.Struct("<" + "".join({"u32": "I", "i32": "i", "f32": "f"}[t] for _, t in self.fields))
+
+    @cached_property
+    def storage_names(self) -> tuple[str, ...]:
+        return tuple(d.name for d in self.storage)
+
+    @cached_property
+    def _names(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self.fields)
+
     def pack(self, kernel: str, params: dict) -> bytes:
         """Uniform bytes from params by field name; every field must be given."""
-        names = [n for n, _ in self.fields]
+        if len(params) == len(self.fields):  # fast path; any problem falls through to the checks
+            try:
+                return self._struct.pack(*[params[n] for n in self._names])
+            except (KeyError, struct.error):
+                pass
+        return self._pack_checked(kernel, params)
+
+    def _pack_checked(self, kernel: str, params: dict) -> bytes:
+        names = list(self._names)
         missing = [n for n in names if n not in params]
         unknown = [n for n in params if n not in names]
         if missing or unknown:
@@ -97,7 +118,10 @@ class KernelInterface:
                     raise ValueError(f"kernel {kernel!r} field {n}={v} does not fit u32")
                 out += struct.pack("<I", iv)
             else:
-                out += struct.pack("<i", int(v))
+                iv = int(v)
+                if not -(2**31) <= iv < 2**31:
+                    raise ValueError(f"kernel {kernel!r} field {n}={v} does not fit i32")
+                out += struct.pack("<i", iv)
         return bytes(out)
 
 

@@ -68,6 +68,7 @@ class NativeDevice(Device):
             "description": str(ai.get("description", "")),
             "features": sorted(str(f) for f in device.features),
             "limits": limits,
+            "cpu_adapter": str(ai.get("adapter_type", "")).lower() == "cpu",  # lavapipe, SwiftShader, WARP
         }
         super().__init__(info)
 
@@ -105,8 +106,11 @@ class NativeDevice(Device):
             enc = self.device.create_command_encoder(label=label)
             if commands:
                 cpass = enc.begin_compute_pass(label=label)
+                last = None
                 for pipeline, bind_group, dyn_offset, (x, y, z) in commands:
-                    cpass.set_pipeline(pipeline)
+                    if pipeline is not last:  # consecutive dispatches of one kernel keep it
+                        cpass.set_pipeline(pipeline)
+                        last = pipeline
                     if dyn_offset is None:
                         cpass.set_bind_group(0, bind_group)
                     else:
@@ -127,8 +131,14 @@ class NativeDevice(Device):
             handle.unmap()
 
     async def wait(self) -> None:
-        """Block until all submitted work is done (for timing)."""
-        self.queue.on_submitted_work_done_sync()
+        """Block until all submitted work is done (for timing).
+
+        wgpu-py 0.32's on_submitted_work_done_sync fails (a cffi callback signature mismatch),
+        so read back 4 bytes instead: the copy runs after all earlier submits.
+        """
+        if getattr(self, "_fence", None) is None:
+            self._fence = self.create_buffer(4, "fence")
+        await self.read(self._fence, 0, 4)
 
     def destroy(self):
         self.device.destroy()

@@ -17,17 +17,18 @@ from __future__ import annotations
 import math
 
 from .device import Batch, Buffer, Device
-from .reference import BLOCK, F16, F32, Q4_0, Q4_1, Q8_0, TYPE_NAMES, row_bytes
+from .reference import F16, F32, Q4_0, Q4_1, Q8_0, TYPE_NAMES, row_bytes
 
 MATRIX_TYPES = (Q4_0, Q4_1, Q8_0)
+XMODE_PLAIN, XMODE_RMSNORM, XMODE_SILU = 0, 1, 2  # matvec input transforms (see matvec_*.wgsl)
 EMBED_TYPES = (F32, F16, Q4_0, Q4_1, Q8_0)
 
 
-def split_grid(n_workgroups: int, limit: int = 65535) -> tuple[int, int]:
-    """A 1-D count of workgroups as (x, y) within the per-dimension limit; kernels use x + y * nx."""
+def split_grid(n_workgroups: int, limit: int = 65535) -> tuple[int, int, int]:
+    """A 1-D count of workgroups as (x, y, 1) within the per-dimension limit; kernels use x + y * nx."""
     if n_workgroups <= limit:
-        return (n_workgroups, 1)
-    return (limit, -(-n_workgroups // limit))
+        return (n_workgroups, 1, 1)
+    return (limit, -(-n_workgroups // limit), 1)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -40,22 +41,38 @@ def _need(buf: Buffer, n_f32: int, what: str) -> None:
 
 
 class Ops:
-    def __init__(self, dev: Device, kernels: dict, attention_wg: int, matvec_tpr: int):
+    def __init__(self, dev: Device, kernels: dict, attention_wg: int, matvec_tpr: int,
+                 attention_split_len: int | None):
         self.dev = dev
         self.k = kernels
         self.attention_wg = attention_wg
         self.matvec_tpr = matvec_tpr
+        self.attention_split_len = attention_split_len
+        self._scratch: Buffer | None = None  # split-K attention partials
 
     @classmethod
     async def create(cls, dev: Device, head_dim: int = 64, matrix_types=(Q4_1, Q8_0),
-                     embed_types=(Q8_0,), matvec_tpr: int = 16) -> "Ops":
-        """Compile every kernel the model needs, once, at load time."""
+                     embed_types=(Q8_0,), matvec_tpr: int | None = None,
+                     attention_split_len: int | None = 64) -> "Ops":
+        """Compile every kernel the model needs, once, at load time.
+
+        matvec_tpr: threads sharing one matrix row (a power of two <= 256). Default 16 on GPUs;
+        1 on CPU adapters (lavapipe, SwiftShader), where workgroup barriers are expensive and
+        one thread per row measured 2-3x faster.
+        attention_split_len: decode attention over more than twice this many keys is split
+        across workgroups of this many keys each, plus a combine pass (None: never split).
+        """
+        if matvec_tpr is None:
+            matvec_tpr = 1 if dev.info.get("cpu_adapter") else 16
         attention_wg = max(64, 1 << (head_dim - 1).bit_length())
         kernels = {
             "rmsnorm": await dev.kernel("rmsnorm"),
             "rope": await dev.kernel("rope"),
             "kv_store": await dev.kernel("kv_store"),
+            "rope_kv": await dev.kernel("rope_kv"),
             "attention": await dev.kernel("attention", WG=attention_wg),
+            "attention_partial": await dev.kernel("attention", WG=attention_wg, PARTIAL=1),
+            "attention_combine": await dev.kernel("attention_combine", WG=attention_wg),
             "silu_mul": await dev.kernel("silu_mul"),
             "add": await dev.kernel("add"),
             "argmax": await dev.kernel("argmax"),
@@ -63,9 +80,10 @@ class Ops:
         for t in embed_types:
             kernels[f"embed_{t}"] = await dev.kernel("embed", QTYPE=t)
         for t in matrix_types:
-            kernels[f"matvec_{t}"] = await dev.kernel(f"matvec_{TYPE_NAMES[t]}", TPR=matvec_tpr)
+            for mode in (XMODE_PLAIN, XMODE_RMSNORM, XMODE_SILU):
+                kernels[f"matvec_{t}_{mode}"] = await dev.kernel(f"matvec_{TYPE_NAMES[t]}", TPR=matvec_tpr, XMODE=mode)
             kernels[f"matmul_{t}"] = await dev.kernel(f"matmul_{TYPE_NAMES[t]}")
-        return cls(dev, kernels, attention_wg, matvec_tpr)
+        return cls(dev, kernels, attention_wg, matvec_tpr, attention_split_len)
 
     def _kernel(self, key: str, what: str):
         if key not in self.k:
@@ -87,7 +105,7 @@ class Ops:
         _need(x, n_rows * n, "rmsnorm x")
         _need(w, n, "rmsnorm weight")
         _need(out, n_rows * n, "rmsnorm out")
-        b.dispatch(self.k["rmsnorm"], (n_rows,), x=x, w=w, out=out, n=n, eps=eps)
+        b.dispatch(self.k["rmsnorm"], (n_rows, 1, 1), x=x, w=w, out=out, n=n, eps=eps)
 
     def rope(self, b: Batch, x: Buffer, *, n_tokens: int, n_heads: int, head_dim: int, pos0: int,
              base: float, neox: bool, row_stride: int | None = None, x_off: int = 0,
@@ -114,6 +132,26 @@ class Ops:
                    n_tokens=n_tokens, n_heads=n_heads, head_dim=head_dim, src_stride=src_stride, src_off=src_off,
                    ctx=ctx, pos0=pos0, cache_off=cache_off)
 
+    def rope_kv(self, b: Batch, qkv: Buffer, cache: Buffer, *, n_tokens: int, n_heads: int, n_kv_heads: int,
+                head_dim: int, ctx: int, pos0: int, base: float, neox: bool, k_off: int, v_off: int,
+                row_stride: int | None = None, x_off: int = 0, n_rot: int | None = None,
+                freq_scale: float = 1.0) -> None:
+        """Fused: RoPE on the Q heads of fused QKV rows (in place) and on K, then K and V of tokens
+        pos0.. into the cache (K heads at k_off, V heads at v_off, each (n_kv_heads, ctx, head_dim))."""
+        n_all = n_heads + 2 * n_kv_heads
+        row_stride = n_all * head_dim if row_stride is None else row_stride
+        n_rot = head_dim if n_rot is None else n_rot
+        if n_rot % 2 or n_rot > head_dim or head_dim % 2:
+            raise ValueError(f"rope_kv: n_rot {n_rot} and head_dim {head_dim} must be even, n_rot <= head_dim")
+        if pos0 + n_tokens > ctx:
+            raise ValueError(f"rope_kv: positions {pos0}..{pos0 + n_tokens - 1} exceed context {ctx}")
+        _need(qkv, (n_tokens - 1) * row_stride + x_off + n_all * head_dim, "rope_kv qkv")
+        _need(cache, max(k_off, v_off) + n_kv_heads * ctx * head_dim, "rope_kv cache")
+        b.dispatch(self.k["rope_kv"], split_grid(_cdiv(n_tokens * n_all * head_dim // 2, 256)), qkv=qkv, cache=cache,
+                   n_tokens=n_tokens, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, n_rot=n_rot,
+                   row_stride=row_stride, x_off=x_off, pos0=pos0, ctx=ctx, k_off=k_off, v_off=v_off,
+                   neox=int(bool(neox)), base=base, freq_scale=freq_scale)
+
     def attention(self, b: Batch, q: Buffer, kv: Buffer, out: Buffer, *, n_tokens: int, n_heads: int,
                   n_kv_heads: int, head_dim: int, ctx: int, pos0: int, k_off: int, v_off: int,
                   q_stride: int | None = None, q_off: int = 0, out_stride: int | None = None,
@@ -130,11 +168,26 @@ class Ops:
         _need(q, (n_tokens - 1) * q_stride + q_off + n_heads * head_dim, "attention q")
         _need(kv, max(k_off, v_off) + n_kv_heads * ctx * head_dim, "attention kv cache")
         _need(out, (n_tokens - 1) * out_stride + out_off + n_heads * head_dim, "attention out")
+        if head_dim % 4 or k_off % 4:
+            raise ValueError(f"attention: head_dim {head_dim} and k_off {k_off} must be multiples of 4")
         scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-        b.dispatch(self.k["attention"], (n_heads, n_tokens), q=q, kv=kv, out=out, n_tokens=n_tokens,
-                   n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, q_stride=q_stride, q_off=q_off,
-                   ctx=ctx, k_off=k_off, v_off=v_off, pos0=pos0, out_stride=out_stride, out_off=out_off,
-                   scale=scale)
+        args = dict(q=q, kv=kv, n_tokens=n_tokens, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
+                    q_stride=q_stride, q_off=q_off, ctx=ctx, k_off=k_off, v_off=v_off, pos0=pos0,
+                    out_stride=out_stride, out_off=out_off, scale=scale)
+        split = self.attention_split_len
+        n_keys = pos0 + n_tokens
+        if n_tokens == 1 and split and n_keys > 2 * split:
+            n_splits = _cdiv(n_keys, split)
+            need = n_heads * n_splits * (head_dim + 2) * 4
+            if self._scratch is None or self._scratch.size < need:
+                self._scratch = self.dev.create_buffer(max(need, 2 * (self._scratch.size if self._scratch else 0)),
+                                                       "attention-partials")
+            b.dispatch(self.k["attention_partial"], (n_heads, 1, n_splits), out=self._scratch, split_len=split,
+                       n_splits=n_splits, **args)
+            b.dispatch(self.k["attention_combine"], (n_heads, 1, 1), part=self._scratch, out=out, n_heads=n_heads,
+                       head_dim=head_dim, n_splits=n_splits, out_stride=out_stride, out_off=out_off)
+        else:
+            b.dispatch(self.k["attention"], (n_heads, n_tokens, 1), out=out, split_len=ctx, n_splits=1, **args)
 
     def silu_mul(self, b: Batch, gu: Buffer, out: Buffer, *, n_tokens: int, n: int, in_stride: int | None = None,
                  gate_off: int = 0, up_off: int | None = None) -> None:
@@ -161,16 +214,27 @@ class Ops:
             raise ValueError(f"{op}: [{rows}, {k}] {TYPE_NAMES[qtype]} needs {nbytes} B but {w} holds {w.size} B")
 
     def matvec(self, b: Batch, w: Buffer, x: Buffer, y: Buffer, *, qtype: int, rows: int, k: int,
-               x_off: int = 0, y_off: int = 0, accumulate: bool = False) -> None:
-        """y[y_off:y_off+rows] (+)= W (rows, k) · x[x_off:x_off+k], W in raw GGUF blocks."""
+               x_off: int = 0, y_off: int = 0, accumulate: bool = False, norm_weight: Buffer | None = None,
+               eps: float = 1e-5, silu_up_off: int | None = None) -> None:
+        """y[y_off:y_off+rows] (+)= W (rows, k) · xin, W in raw GGUF blocks, where xin is
+        x[x_off:x_off+k], or rmsnorm(that) * norm_weight (fused RMSNorm, `norm_weight` given), or
+        silu(that) * x[silu_up_off:silu_up_off+k] (fused SwiGLU, `silu_up_off` given).
+        accumulate=True adds into y (a fused residual add)."""
         self._check_matrix("matvec", w, qtype, rows, k)
-        if x_off % 4:
-            raise ValueError(f"matvec: x_off {x_off} must be a multiple of 4 (x is read as vec4)")
-        _need(x, x_off + k, "matvec x")
+        if norm_weight is not None and silu_up_off is not None:
+            raise ValueError("matvec: fuse RMSNorm or SwiGLU into the input, not both")
+        mode = XMODE_RMSNORM if norm_weight is not None else XMODE_SILU if silu_up_off is not None else XMODE_PLAIN
+        up_off = 0 if silu_up_off is None else silu_up_off
+        if x_off % 4 or up_off % 4:
+            raise ValueError(f"matvec: x_off {x_off} and silu_up_off {up_off} must be multiples of 4 (read as vec4)")
+        _need(x, max(x_off, up_off) + k, "matvec x")
         _need(y, y_off + rows, "matvec y")
-        kern = self._kernel(f"matvec_{qtype}", f"matvec {TYPE_NAMES[qtype]}")
-        b.dispatch(kern, split_grid(_cdiv(rows, 256 // self.matvec_tpr)), w=w, x=x, y=y, rows=rows, k=k,
-                   x_off=x_off, y_off=y_off, acc=int(accumulate))
+        if norm_weight is not None:
+            _need(norm_weight, k, "matvec norm weight")
+        kern = self._kernel(f"matvec_{qtype}_{mode}", f"matvec {TYPE_NAMES[qtype]}")
+        b.dispatch(kern, split_grid(_cdiv(rows, 256 // self.matvec_tpr)), w=w, x=x, y=y,
+                   nw=x if norm_weight is None else norm_weight, rows=rows, k=k, x_off=x_off, y_off=y_off,
+                   acc=int(accumulate), up_off=up_off, eps=eps)
 
     def matmul(self, b: Batch, w: Buffer, x: Buffer, y: Buffer, *, qtype: int, n_tokens: int, rows: int, k: int,
                x_stride: int | None = None, x_off: int = 0, y_stride: int | None = None, y_off: int = 0,
@@ -182,11 +246,11 @@ class Ops:
         _need(x, (n_tokens - 1) * x_stride + x_off + k, "matmul x")
         _need(y, (n_tokens - 1) * y_stride + y_off + rows, "matmul y")
         kern = self._kernel(f"matmul_{qtype}", f"matmul {TYPE_NAMES[qtype]}")
-        b.dispatch(kern, (_cdiv(rows, 64), _cdiv(n_tokens, 32)), w=w, x=x, y=y, n_tokens=n_tokens, rows=rows,
+        b.dispatch(kern, (_cdiv(rows, 64), _cdiv(n_tokens, 32), 1), w=w, x=x, y=y, n_tokens=n_tokens, rows=rows,
                    k=k, x_stride=x_stride, x_off=x_off, y_stride=y_stride, y_off=y_off, acc=int(accumulate))
 
     def argmax(self, b: Batch, x: Buffer, out: Buffer, *, n: int, x_off: int = 0) -> None:
         """out[0] = argmax x[x_off:x_off+n] (u32), out[1] = its f32 bits."""
         _need(x, x_off + n, "argmax x")
         _need(out, 2, "argmax out")
-        b.dispatch(self.k["argmax"], (1,), x=x, out=out, n=n, x_off=x_off)
+        b.dispatch(self.k["argmax"], (1, 1, 1), x=x, out=out, n=n, x_off=x_off)

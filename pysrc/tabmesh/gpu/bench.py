@@ -1,0 +1,195 @@
+"""Per-kernel GPU timings, matvec bandwidth, and a synthetic SmolLM2-135M decode step.
+
+    python -m tabmesh.gpu.bench [--quick] [--reps N]      (native; prints JSON)
+    await bench(dev)                                      (either backend)
+
+Method: each kernel is recorded `reps` times into ONE compute pass, submitted once and
+waited for; the time of an empty submit+wait is subtracted and the rest divided by reps.
+That is the per-dispatch cost as the forward pass sees it (dispatches back to back in one
+pass, which is how decode runs), launch and encoding overhead included. Wall clock, not
+timestamp queries, so it works on every adapter. The matvec figure is weight bytes read per
+second; x and y are negligible beside the weights.
+
+The decode step is the full per-token batch of a SmolLM2-shaped model with random weights
+(embed, 30 x [matvec QKV + fused RMSNorm, RoPE + KV append, attention, matvec O + residual,
+matvec gate|up + fused RMSNorm, matvec down + fused SwiGLU + residual], final-norm logits
+matvec, argmax; 184 dispatches, one submit, 8 bytes read back), timed end to end, with the
+Python recording + encoding time reported separately.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+
+import numpy as np
+
+from .device import Device
+from .ops import Ops
+from .reference import Q4_0, Q4_1, Q8_0, TYPE_NAMES, random_weights, row_bytes
+
+# SmolLM2-135M: 30 layers, hidden 576, 9 heads / 3 KV heads, head_dim 64, ffn 1536, vocab 49152.
+SMOL = dict(n_layers=30, dim=576, n_heads=9, n_kv=3, hd=64, ffn=1536, vocab=49152)
+
+
+async def _time_batch(dev: Device, record, reps: int) -> float:
+    """Seconds per dispatch of `record(batch)` repeated reps times in one pass."""
+    async def once(n):
+        b = dev.batch("bench")
+        for _ in range(n):
+            record(b)
+        t = time.perf_counter()
+        b.submit()
+        await dev.wait()
+        return time.perf_counter() - t
+
+    await once(1)  # warm up: pipelines, bind groups, ring buffer
+    empty = min([await once(0) for _ in range(3)])
+    best = min([await once(reps) for _ in range(3)])
+    return max(best - empty, 0.0) / reps
+
+
+class SyntheticDecoder:
+    """SmolLM2-shaped decode step on random weights (bench only; the real model is tabmesh.model)."""
+
+    def __init__(self, dev: Device, ops: Ops, rng, n_layers: int, ctx: int):
+        s = SMOL
+        self.dev, self.ops, self.ctx, self.n_layers = dev, ops, ctx, n_layers
+        d, nh, nkv, hd, ffn, vocab = s["dim"], s["n_heads"], s["n_kv"], s["hd"], s["ffn"], s["vocab"]
+        self.shape = (d, nh, nkv, hd, ffn, vocab)
+        qkv = (nh + 2 * nkv) * hd
+        up, f32 = dev.upload, lambda n: dev.create_buffer(n * 4)  # noqa: E731
+        self.emb = up(random_weights(rng, Q8_0, vocab, d))
+        self.layers = [dict(qkv=up(random_weights(rng, Q4_1, qkv, d)), o=up(random_weights(rng, Q4_1, d, nh * hd)),
+                            gu=up(random_weights(rng, Q4_1, 2 * ffn, d)), down=up(random_weights(rng, Q4_1, d, ffn)),
+                            n1=up(np.ones(d, np.float32)), n2=up(np.ones(d, np.float32)),
+                            cache=f32(2 * nkv * ctx * hd)) for _ in range(n_layers)]
+        self.out_norm = up(np.ones(d, np.float32))
+        self.ids, self.h, self.qkv, self.att = f32(4), f32(d), f32(qkv), f32(nh * hd)
+        self.gu, self.logits, self.best = f32(2 * ffn), f32(vocab), f32(2)
+        self.weight_bytes = sum(b.size for lw in self.layers for k, b in lw.items() if k not in ("cache", "n1", "n2"))
+        self.weight_bytes += self.emb.size
+
+    def record(self, token: int, pos: int):
+        o, (d, nh, nkv, hd, ffn, vocab), ctx = self.ops, self.shape, self.ctx
+        b = self.dev.batch("decode")
+        self.dev.write(self.ids, np.array([token], np.uint32))
+        o.embed(b, self.ids, self.emb, self.h, qtype=Q8_0, n_tokens=1, dim=d)
+        for lw in self.layers:
+            o.matvec(b, lw["qkv"], self.h, self.qkv, qtype=Q4_1, rows=(nh + 2 * nkv) * hd, k=d, norm_weight=lw["n1"])
+            o.rope_kv(b, self.qkv, lw["cache"], n_tokens=1, n_heads=nh, n_kv_heads=nkv, head_dim=hd, ctx=ctx,
+                      pos0=pos, base=1e5, neox=False, k_off=0, v_off=nkv * ctx * hd)
+            o.attention(b, self.qkv, lw["cache"], self.att, n_tokens=1, n_heads=nh, n_kv_heads=nkv, head_dim=hd,
+                        ctx=ctx, pos0=pos, k_off=0, v_off=nkv * ctx * hd, q_stride=(nh + 2 * nkv) * hd)
+            o.matvec(b, lw["o"], self.att, self.h, qtype=Q4_1, rows=d, k=nh * hd, accumulate=True)
+            o.matvec(b, lw["gu"], self.h, self.gu, qtype=Q4_1, rows=2 * ffn, k=d, norm_weight=lw["n2"])
+            o.matvec(b, lw["down"], self.gu, self.h, qtype=Q4_1, rows=d, k=ffn, silu_up_off=ffn, accumulate=True)
+        o.matvec(b, self.emb, self.h, self.logits, qtype=Q8_0, rows=vocab, k=d, norm_weight=self.out_norm)
+        o.argmax(b, self.logits, self.best, n=vocab)
+        b.read(self.best)
+        return b
+
+    async def step_times(self, pos: int, steps: int) -> dict:
+        await (self.record(1, pos)).run()  # warm up bind groups
+        rec, total = [], []
+        for i in range(steps):
+            t0 = time.perf_counter()
+            b = self.record(1 + i, pos)
+            t1 = time.perf_counter()
+            await b.run()
+            t2 = time.perf_counter()
+            rec.append(t1 - t0)
+            total.append(t2 - t0)
+        n_disp = len(b._dispatches)
+        med = float(np.median(total))
+        return {"dispatches": n_disp, "ms_per_token": round(med * 1e3, 3), "tokens_per_s": round(1 / med, 1),
+                "ms_python_recording": round(float(np.median(rec)) * 1e3, 3),
+                "weight_mb": round(self.weight_bytes / 1e6, 1)}
+
+
+async def bench(dev: Device, reps: int = 50, quick: bool = False, ctx: int = 512) -> dict:
+    rng = np.random.default_rng(0)
+    ops = await Ops.create(dev, head_dim=SMOL["hd"], matrix_types=(Q4_0, Q4_1, Q8_0))
+    d, nh, nkv, hd, ffn, vocab = (SMOL[k] for k in ("dim", "n_heads", "n_kv", "hd", "ffn", "vocab"))
+    qkv_rows = (nh + 2 * nkv) * hd
+    f32 = lambda n: dev.upload(rng.normal(size=n).astype(np.float32))  # noqa: E731
+    logits, hid, qkv, gu = f32(vocab), f32(d), f32(qkv_rows * 128), f32(2 * ffn * 128)
+    out = dev.create_buffer(max(vocab, 2 * ffn * 128) * 4)
+    cache = f32(2 * nkv * ctx * hd)
+    norm_w = f32(d)
+    results: dict = {"device": dev.info.get("device"), "backend": dev.info.get("backend"), "reps": reps,
+                     "us_per_dispatch": {}, "matvec_gbps": {}, "matmul_gflops": {}}
+    us = results["us_per_dispatch"]
+
+    async def timed(name, record, n=reps):
+        us[name] = round(await _time_batch(dev, record, n) * 1e6, 2)
+
+    att = dict(n_heads=nh, n_kv_heads=nkv, head_dim=hd, ctx=ctx, k_off=0, v_off=nkv * ctx * hd, q_stride=qkv_rows)
+    await timed("noop_add_1", lambda b: ops.add(b, out, hid, n=1))
+    await timed("rmsnorm_576", lambda b: ops.rmsnorm(b, hid, norm_w, out, n_rows=1, n=d, eps=1e-5))
+    await timed("rope_kv_1tok", lambda b: ops.rope_kv(b, qkv, cache, n_tokens=1, n_heads=nh, n_kv_heads=nkv,
+                                                      head_dim=hd, ctx=ctx, pos0=ctx - 1, base=1e5, neox=False,
+                                                      k_off=0, v_off=nkv * ctx * hd))
+    await timed("attention_decode_ctx128", lambda b: ops.attention(b, qkv, cache, out, n_tokens=1, pos0=127, **att))
+    await timed(f"attention_decode_ctx{ctx}_split", lambda b: ops.attention(b, qkv, cache, out, n_tokens=1,
+                                                                             pos0=ctx - 1, **att), max(2, reps // 2))
+    await timed("attention_prefill_128", lambda b: ops.attention(b, qkv, cache, out, n_tokens=128, pos0=0, **att),
+                max(2, reps // 10))
+    await timed("silu_mul_1536", lambda b: ops.silu_mul(b, gu, out, n_tokens=1, n=ffn))
+    await timed("argmax_49152", lambda b: ops.argmax(b, logits, out, n=vocab))
+
+    # (name, qtype, rows, k): the model's matrices (fused QKV and gate|up) and large ones.
+    shapes = [("qkv", Q4_1, qkv_rows, d), ("wo", Q4_1, d, d), ("gate_up", Q4_1, 2 * ffn, d),
+              ("down", Q4_1, d, ffn), ("logits", Q8_0, vocab, d)]
+    if not quick:
+        shapes += [("big", t, 8192, 4096) for t in (Q4_0, Q4_1, Q8_0)]
+    for name, qtype, rows, k in shapes:
+        w = dev.upload(random_weights(rng, qtype, rows, k))
+        y = dev.create_buffer(rows * 4)
+        xin = dev.create_buffer(2 * k * 4)
+        n = reps if rows * k < 1 << 24 else max(3, reps // 10)
+        key = f"matvec_{TYPE_NAMES[qtype]}_{name}_{rows}x{k}"
+        await timed(key, lambda b: ops.matvec(b, w, xin, y, qtype=qtype, rows=rows, k=k), n)
+        if name == "qkv":
+            await timed(key + "_rmsnorm", lambda b: ops.matvec(b, w, xin, y, qtype=qtype, rows=rows, k=k,
+                                                                norm_weight=norm_w), n)
+        secs = us[key] * 1e-6
+        results["matvec_gbps"][key] = round(rows * row_bytes(qtype, k) / secs / 1e9, 1) if secs > 0 else None
+        if name in ("gate_up", "big") and qtype == Q4_1:
+            n_tok = 128
+            xt = dev.create_buffer(n_tok * k * 4)
+            yt = dev.create_buffer(n_tok * rows * 4)
+            mkey = f"matmul_{TYPE_NAMES[qtype]}_{name}_{n_tok}tok_{rows}x{k}"
+            await timed(mkey, lambda b: ops.matmul(b, w, xt, yt, qtype=qtype, n_tokens=n_tok, rows=rows, k=k),
+                        max(2, n // 5))
+            results["matmul_gflops"][mkey] = round(2 * n_tok * rows * k / (us[mkey] * 1e-6) / 1e9, 1)
+            dev.destroy_buffer(xt)
+            dev.destroy_buffer(yt)
+        for buf in (w, y, xin):
+            dev.destroy_buffer(buf)
+
+    n_layers = 4 if quick else SMOL["n_layers"]
+    dec = SyntheticDecoder(dev, ops, rng, n_layers, ctx=1024)
+    results[f"decode_step_{n_layers}_layers"] = {
+        f"pos{pos}": await dec.step_times(pos, 5 if quick else 20) for pos in (16, 1000)}
+    return results
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    quick = "--quick" in argv
+    reps = int(argv[argv.index("--reps") + 1]) if "--reps" in argv else (10 if quick else 50)
+
+    async def run():
+        from . import open_device
+
+        dev = await open_device(backend="native")
+        return await bench(dev, reps=reps, quick=quick)
+
+    print(json.dumps(asyncio.run(run()), indent=1))
+
+
+if __name__ == "__main__":
+    main()
