@@ -63,7 +63,8 @@ CORPUS_OWN = [
     "Καλημέρα κόσμε",
     "👨\u200d👩\u200d👧\u200d👦 family, 👩🏽\u200d💻 coder, 🏳️\u200d🌈 flag, ❤️\u200d🔥",
     "🇺🇸🇬🇧🇯🇵🇫🇷 flags, 1️⃣ #️⃣ keycaps, ✨🎉🥳👍🏿",
-    "def greet(name: str) -> str:\n    \"\"\"Say hello.\"\"\"\n    if not name:\n        return 'hi'\n    return f\"Hello, {name}!\"\n",
+    "def greet(name: str) -> str:\n    \"\"\"Say hello.\"\"\"\n    if not name:\n"
+    "        return 'hi'\n    return f\"Hello, {name}!\"\n",
     "function add(a, b) {\n\tif (a === undefined) {\n\t\treturn b;\n\t}\n\treturn a + b; // sum\n}\n",
     "{\"key\": [1, 2.5, null, true], \"nested\": {\"a\": \"b\"}}",
     "<div class=\"x\"><a href='/p?q=1&r=2'>link</a></div>",

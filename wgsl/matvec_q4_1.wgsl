@@ -7,7 +7,7 @@
 //   1: xin = rmsnorm(x[x_off .. x_off + k]) * nw   (fused RMSNorm: y = inv_rms * W (x * nw);
 //      every workgroup recomputes the k-long sum of squares, cheaper than a dispatch)
 //   2: xin = silu(x[x_off ..]) * x[up_off ..]      (fused SwiGLU on a gate|up vector)
-// (acc = 1 fuses the residual add.) nw is bound but unused unless XMODE == 1.   (acc fuses a residual add)
+// (acc = 1 fuses the residual add.) nw is bound but unused unless XMODE == 1.
 // TPR threads share a row (each takes whole blocks), WG / TPR rows per workgroup.
 // Grid: (min(G, 65535), ceil(G / 65535)) with G = ceil(rows / (WG / TPR)).
 

@@ -928,7 +928,8 @@ FILTERS: dict[str, Callable[..., Any]] = {
     "trim": lambda s, chars=None: to_str(s).strip(chars),
     "length": len, "count": len,
     "tojson": _tojson,
-    "join": lambda v, d="", attribute=None: d.join(to_str(x if attribute is None else _attr_path(x, attribute)) for x in v),
+    "join": lambda v, d="", attribute=None: d.join(
+        to_str(x if attribute is None else _attr_path(x, attribute)) for x in v),
     "upper": lambda s: to_str(s).upper(), "lower": lambda s: to_str(s).lower(),
     "capitalize": lambda s: to_str(s).capitalize(), "title": _title,
     "replace": lambda s, old, new, count=None: to_str(s).replace(old, new, -1 if count is None else count),
@@ -947,7 +948,8 @@ FILTERS: dict[str, Callable[..., Any]] = {
     "rejectattr": lambda v, attr, *a: _select(v, a, False, attr),
     "map": _map, "sort": _sort, "unique": _unique,
     "min": lambda v: min(v), "max": lambda v: max(v),
-    "sum": lambda v, attribute=None, start=0: sum((x if attribute is None else _attr_path(x, attribute) for x in v), start),
+    "sum": lambda v, attribute=None, start=0: sum(
+        (x if attribute is None else _attr_path(x, attribute) for x in v), start),
     "abs": abs, "round": _round, "indent": _indent,
     "wordcount": lambda s: len(re.findall(r"\w+", to_str(s))),
     "center": lambda s, width=80: to_str(s).center(width),
@@ -1005,6 +1007,10 @@ class ChatTemplate:
             _exec(self._nodes, root, out)
         except (_Break, _Continue):
             raise ChatTemplateError("{% break %} or {% continue %} outside a for-loop") from None
+        except ChatTemplateError:
+            raise
+        except Exception as e:   # a filter or method given the wrong kind of value
+            raise ChatTemplateError(f"rendering the chat template failed: {type(e).__name__}: {e}") from e
         return "".join(out)
 
 

@@ -43,6 +43,11 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from . import bench
+    return bench.main(args.rest, root=repo_root())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tabmesh", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,7 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heartbeat-timeout", type=float, default=6.0, help="drop a peer silent this long (s)")
     p.set_defaults(fn=cmd_serve)
 
-    args = parser.parse_args(argv)
+    p = sub.add_parser("bench", help="measure in headless Chromium against references; prints a table",
+                       add_help=False)
+    p.set_defaults(fn=cmd_bench)
+
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.rest = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return args.fn(args)
 
 

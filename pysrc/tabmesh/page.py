@@ -89,6 +89,7 @@ class Page:
         self.device = None
         self.gpu_info = None
         self.selftest = None
+        self._render_pending = False
 
     async def start(self) -> None:
         params = js.URLSearchParams.new(js.location.search)
@@ -103,7 +104,7 @@ class Page:
         scheme = "wss" if js.location.protocol == "https:" else "ws"
         self.node = Node(make_link=lambda node, pid, initiator: RTCLink(node, pid, initiator),
                          send_signaling=lambda msg: self.signaling.send(msg),
-                         on_change=lambda: self.ui.render_peers(self.node.peer_list()))
+                         on_change=self._schedule_render)
         self.signaling = SignalingClient(f"{scheme}://{js.location.host}/ws", room,
                                          on_message=self.node.on_signaling, on_error=self.ui.error,
                                          on_closed=self._signaling_closed)
@@ -118,6 +119,17 @@ class Page:
         if self.gpu_info is not None:
             gpu = {k: self.gpu_info[k] for k in ("vendor", "architecture", "features", "limits")}
         js.window.tabmesh._ready(js_obj({"peerId": welcome["peerId"], "room": room, "gpu": gpu}))
+
+    def _schedule_render(self) -> None:
+        """Coalesce peer-table redraws: pongs arrive often and the DOM is slow from Python."""
+        if self._render_pending:
+            return
+        self._render_pending = True
+
+        def render():
+            self._render_pending = False
+            self.ui.render_peers(self.node.peer_list())
+        asyncio.get_event_loop().call_later(0.1, render)
 
     def _signaling_closed(self, reason: str) -> None:
         self.ui.error(f"{reason}. Existing peer connections stay up; reload the page to rejoin the room.")

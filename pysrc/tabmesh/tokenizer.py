@@ -13,7 +13,7 @@ This is a port of llama.cpp's ``src/llama-vocab.cpp`` and ``src/unicode.cpp`` (t
 llama-cpp-python 0.3.x vendored copy); the function names below point at their C++
 originals. No ``regex`` module: the pre-tokenizer regexes are hand-written scanners over
 Unicode categories from ``unicodedata`` (llama.cpp builds its tables from UnicodeData.txt
-too; only code points unassigned in this Python's Unicode version can differ).
+too; the few letters and digits newer than Python 3.11's Unicode are listed below).
 
 ``encode(text, add_special, parse_special)`` is ``llama_tokenize``; ``detokenize`` is
 ``llama_detokenize``; ``decode`` and ``StreamDecoder`` give back exactly the bytes that
@@ -64,6 +64,8 @@ _CONTROL_TEXTS = _EOG_TEXTS | frozenset([
     "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>", "<|file_sep|>",
 ])
 
+_EOT_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
+              "<EOT>", "_<EOT>", "[EOT]", "<｜end▁of▁sentence｜>", "<end_of_utterance>")
 _FIM_EOG = {"fim_pad_token_id": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"),
             "fim_rep_token_id": ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
             "fim_sep_token_id": ("<|file_sep|>",)}
@@ -268,9 +270,48 @@ _BYTE_TO_CHAR = _bytes_to_unicode()
 _CHAR_TO_BYTE = {c: b for b, c in enumerate(_BYTE_TO_CHAR)}
 
 
+def _seq(v: Any) -> list:
+    return [] if v is None else list(v)
+
+
+def _text(v: Any) -> Any:
+    return v.decode("utf-8", "surrogateescape") if isinstance(v, (bytes, bytearray)) else v
+
+
+def _value(v: Any, default: Any) -> Any:
+    return default if v is None else v
+
+
+def _fix_special_attrs(tokens: list[str], attrs: list[int], token_to_id: dict[str, int],
+                       ids: dict[str, int], get: Callable[[str], Any]) -> set[int]:
+    """llama.cpp's load-time fix-ups: EOG/FIM-looking tokens become CONTROL, control
+    tokens named "unused" become UNUSED; returns the end-of-generation ids. (llama.cpp
+    picks one token per FIM role in hash order; here every match counts.)"""
+    eog = set()
+    for i, t in enumerate(tokens):
+        if token_to_id[t] != i:
+            continue                               # a duplicate text: the last one wins
+        if t in _CONTROL_TEXTS:
+            attrs[i] |= ATTR_CONTROL
+            if ids["eot_id"] < 0 and t in _EOT_TEXTS:
+                ids["eot_id"] = i
+        if t in _EOG_TEXTS:
+            eog.add(i)
+        if attrs[i] & ATTR_CONTROL and "unused" in t:
+            attrs[i] |= ATTR_UNUSED
+    eog.update(i for i in (ids["eos_id"], ids["eot_id"]) if i >= 0)
+    for key, texts in _FIM_EOG.items():            # FIM pad/repo/file-separator end generation too
+        v = get(key)
+        if v is not None and 0 <= int(v) < len(tokens):
+            eog.add(int(v))
+        else:
+            eog.update(token_to_id[t] for t in texts if t in token_to_id)
+    return eog
+
+
 # ---------------------------------------------------------------------------------------
 
-@dataclass
+@dataclass(repr=False)
 class Tokenizer:
     """A GGUF vocabulary. Build it with ``Tokenizer.from_gguf_metadata``."""
 
@@ -301,94 +342,74 @@ class Tokenizer:
     def n_vocab(self) -> int:
         return len(self.tokens)
 
+    def __repr__(self) -> str:
+        return (f"Tokenizer(model={self.model!r}, pre={self.pre!r}, n_vocab={self.n_vocab}, "
+                f"bos_id={self.bos_id}, eos_id={self.eos_id}, add_bos={self.add_bos})")
+
     # -- loading --------------------------------------------------------------------
 
     @classmethod
     def from_gguf_metadata(cls, md: dict[str, Any]) -> "Tokenizer":
-        """Build from GGUF key/values (``tokenizer.ggml.*`` names; arrays as lists)."""
-        def get(key: str, default: Any = None) -> Any:
-            return md.get("tokenizer.ggml." + key, default)
+        """Build from GGUF key/values: ``tokenizer.ggml.*`` names, arrays as sequences
+        (lists or numpy arrays), strings as str or UTF-8 bytes. Mirrors
+        llama_vocab::impl::load, fix-ups of mislabelled special tokens included."""
+        def get(key: str) -> Any:
+            return md.get("tokenizer.ggml." + key)
 
-        model = get("model")
+        model = _text(get("model"))
         if model not in ("gpt2", "llama"):
             raise TokenizerError(
                 f"tokenizer.ggml.model is {model!r}; tabmesh runs 'gpt2' (byte-level BPE) and "
                 "'llama' (SentencePiece) vocabularies: pick a GGUF of a Llama/Qwen/SmolLM-style model")
-        tokens = get("tokens")
-        if not tokens:
-            raise TokenizerError("tokenizer.ggml.tokens is missing or empty: the GGUF has no vocabulary")
-        tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
+        tokens = [_text(t) or f"[EMPTY_{i}]" for i, t in enumerate(_seq(get("tokens")))]
         n = len(tokens)
-        types = list(get("token_type") or [])
-        if types and len(types) < n:
-            raise TokenizerError(f"tokenizer.ggml.token_type has {len(types)} entries for {n} tokens")
-        scores = [float(x) for x in (get("scores") or [0.0] * n)]
-        if len(scores) < n:
-            raise TokenizerError(f"tokenizer.ggml.scores has {len(scores)} entries for {n} tokens")
+        if n == 0:
+            raise TokenizerError("tokenizer.ggml.tokens is missing or empty: the GGUF has no vocabulary")
+        types, scores = _seq(get("token_type")), _seq(get("scores"))
+        for key, arr in (("token_type", types), ("scores", scores)):
+            if arr and len(arr) < n:
+                raise TokenizerError(f"tokenizer.ggml.{key} has {len(arr)} entries for {n} tokens")
         attrs = [_TYPE_TO_ATTR.get(int(t), 0) for t in types[:n]] if types else [ATTR_NORMAL] * n
+        scores = [float(x) for x in scores[:n]] if scores else [0.0] * n
 
-        pre = get("pre") or "default"
+        pre = _text(get("pre")) or "default"
+        merges: dict[tuple[str, str], int] = {}
         if model == "gpt2":
             if pre not in PRE_TOKENIZERS:
                 raise TokenizerError(
                     f"pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported; supported: "
                     + ", ".join(sorted(PRE_TOKENIZERS)))
-            raw_merges = get("merges")
-            if raw_merges is None:
+            if get("merges") is None:
                 raise TokenizerError("tokenizer.ggml.merges is missing: a 'gpt2' vocabulary needs its BPE merges")
-            merges: dict[tuple[str, str], int] = {}
-            for rank, m in enumerate(raw_merges):
+            for rank, m in enumerate(_text(m) for m in _seq(get("merges"))):
                 sp = m.find(" ", 1)
-                key = (m[:sp], m[sp + 1:]) if sp >= 0 else ("", "")
-                merges.setdefault(key, rank)
+                merges.setdefault((m[:sp], m[sp + 1:]) if sp >= 0 else ("", ""), rank)
             _, clean, ignore, add_bos = PRE_TOKENIZERS[pre]
-            defaults = dict(bos_id=11, eos_id=11, unk_id=-1, add_space_prefix=False)
+            ids = {"bos_id": 11, "eos_id": 11, "unk_id": -1}
+            space_prefix = False
         else:
-            merges, clean, ignore, add_bos = {}, False, False, True
-            defaults = dict(bos_id=1, eos_id=2, unk_id=0, add_space_prefix=True)
-
-        ids = {k: v for k, v in defaults.items() if k.endswith("_id")}
-        ids["pad_id"], ids["eot_id"] = -1, -1
-        for name, key in (("bos_id", "bos_token_id"), ("eos_id", "eos_token_id"),
-                          ("unk_id", "unknown_token_id"), ("pad_id", "padding_token_id"),
-                          ("eot_id", "eot_token_id")):
-            if ids[name] >= n:
-                ids[name] = -1
+            clean, ignore, add_bos, space_prefix = False, False, True, True
+            ids = {"bos_id": 1, "eos_id": 2, "unk_id": 0}
+        ids = {k: (v if v < n else -1) for k, v in ids.items()} | {"pad_id": -1, "eot_id": -1}
+        for name, key in (("bos_id", "bos_token_id"), ("eos_id", "eos_token_id"), ("unk_id", "unknown_token_id"),
+                          ("pad_id", "padding_token_id"), ("eot_id", "eot_token_id")):
             v = get(key)
             if v is not None and 0 <= int(v) < n:
                 ids[name] = int(v)
 
         token_to_id = {t: i for i, t in enumerate(tokens)}
-        # Load-time fix-ups: EOG/FIM-looking tokens become CONTROL; control tokens
-        # named "unused" become UNUSED; the EOG set.
-        eog = set()
-        for i, t in enumerate(tokens):
-            if t in _CONTROL_TEXTS and token_to_id[t] == i:
-                attrs[i] |= ATTR_CONTROL
-                if ids["eot_id"] < 0 and t in ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>",
-                                                "<|endoftext|>", "<|end_of_text|>", "<EOT>"):
-                    ids["eot_id"] = i
-            if t in _EOG_TEXTS and token_to_id[t] == i:
-                eog.add(i)
-            if attrs[i] & ATTR_CONTROL and "unused" in t:
-                attrs[i] |= ATTR_UNUSED
-        eog.update(i for i in (ids["eos_id"], ids["eot_id"]) if i >= 0)
-        for key, texts in _FIM_EOG.items():         # FIM pad/repo/file-separator end generation too
-            v = get(key)
-            if v is not None and 0 <= int(v) < n:
-                eog.add(int(v))
-            else:
-                eog.update(token_to_id[t] for t in texts if t in token_to_id)
-
-        name = str(md.get("general.name", "")).lower()
+        eog = _fix_special_attrs(tokens, attrs, token_to_id, ids, get)
         tok = cls(model=model, tokens=tokens, attrs=attrs, scores=scores, merges=merges, pre=pre,
-                  add_bos=bool(get("add_bos_token", add_bos)), add_eos=bool(get("add_eos_token", False)),
-                  add_space_prefix=bool(get("add_space_prefix", defaults["add_space_prefix"])),
+                  add_bos=bool(_value(get("add_bos_token"), add_bos)),
+                  add_eos=bool(_value(get("add_eos_token"), False)),
+                  add_space_prefix=bool(_value(get("add_space_prefix"), space_prefix)),
                   clean_spaces=clean, ignore_merges=ignore, eog_ids=frozenset(eog),
-                  chat_template=md.get("tokenizer.chat_template"), token_to_id=token_to_id, **ids)
+                  chat_template=_text(md.get("tokenizer.chat_template")), token_to_id=token_to_id, **ids)
+        # special tokens are cut out of the text longest first
         tok._special = sorted((i for i in range(n) if attrs[i] & (ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN)),
-                              key=lambda i: -len(tokens[i].encode()))
+                              key=lambda i: -len(tokens[i].encode("utf-8", "surrogateescape")))
         tok._pieces = [tok._piece(i) for i in range(n)]
+        name = str(_text(md.get("general.name")) or "").lower()
         if "phi-3" in name or "phi3" in name:   # per-model attributes, as llama.cpp sets them
             for i in tok._special:
                 attrs[i] |= ATTR_RSTRIP
@@ -402,15 +423,16 @@ class Tokenizer:
         """token_to_piece(special=True): the bytes token i stands for."""
         a, text = self.attrs[i], self.tokens[i]
         if a & (ATTR_UNKNOWN | ATTR_CONTROL | ATTR_USER_DEFINED):
-            return text.encode()
+            return text.encode("utf-8", "surrogateescape")
         if a & ATTR_NORMAL:
             if self.model == "llama":
-                return text.replace("\u2581", " ").encode()
+                return text.replace("\u2581", " ").encode("utf-8", "surrogateescape")
             out = bytearray()
             for c in text:
                 b = _CHAR_TO_BYTE.get(c)
                 if b is None:
-                    out += b"[UNK_BYTE_0x" + c.encode().hex().encode() + text.encode() + b"]"
+                    raw = c.encode("utf-8", "surrogateescape")
+                    out += b"[UNK_BYTE_0x" + raw.hex().encode() + text.encode("utf-8", "surrogateescape") + b"]"
                 else:
                     out.append(b)
             return bytes(out)
@@ -455,6 +477,23 @@ class Tokenizer:
                 raise TokenizerError("the GGUF asks for an EOS token (add_eos_token) but has none")
             out.append(self.eos_id)
         return out
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    template: str | None = None, **variables: Any) -> list[int]:
+        """Render a conversation with the GGUF's chat template and tokenize it, control
+        tokens parsed. BOS is added once: by the template (``bos_token``) or else by the
+        vocabulary's ``add_bos_token``, never both."""
+        from tabmesh.chat_template import render_chat
+        template = template or self.chat_template
+        if not template:
+            raise TokenizerError("the GGUF has no tokenizer.chat_template: pass template=... explicitly")
+        bos = self.tokens[self.bos_id] if self.bos_id >= 0 else ""
+        eos = self.tokens[self.eos_id] if self.eos_id >= 0 else ""
+        text = render_chat(template, messages, add_generation_prompt, bos_token=bos, eos_token=eos, **variables)
+        ids = self.encode(text, add_special=True, parse_special=True)
+        if self.add_bos and len(ids) > 1 and ids[0] == ids[1] == self.bos_id:
+            ids = ids[1:]
+        return ids
 
     def _partition(self, text: str, parse_special: bool) -> list[str | int]:
         """Cut out special-token texts, longest first (tokenizer_st_partition)."""

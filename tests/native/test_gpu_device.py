@@ -15,6 +15,7 @@ def test_info_is_json(gpu):
     assert {"vendor", "architecture", "device", "description", "features", "limits"} <= set(info)
     assert info["features"] == sorted(info["features"])
     assert info["limits"]["maxComputeWorkgroupsPerDimension"] >= 65535
+    assert isinstance(info["cpu_adapter"], bool)
 
 
 def test_selftest(gpu, arun):

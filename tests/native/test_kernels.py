@@ -22,10 +22,11 @@ import pytest
 
 from tabmesh.gpu import reference as ref
 from tabmesh.gpu.ops import Ops
-from tabmesh.gpu.reference import F16, F32, Q4_0, Q4_1, Q8_0
+from tabmesh.gpu.reference import F16, F32, Q4_0, Q4_1, Q4_K, Q6_K, Q8_0
 
 EPS32 = float(np.finfo(np.float32).eps)
-MATRIX_TYPES = (Q4_0, Q4_1, Q8_0)
+MATRIX_TYPES = (Q4_0, Q4_1, Q8_0)  # matvec and matmul
+K_TYPES = (Q4_K, Q6_K)  # matvec only
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,8 @@ def ops(gpu, arun):
 @pytest.fixture(scope="module", params=[1, 16], ids=["tpr1", "tpr16"])
 def mv_ops(gpu, arun, request):
     """Ops whose matvec kernels share each row among 1 (CPU adapters) or 16 (GPUs) threads."""
-    return arun(Ops.create(gpu, head_dim=64, matrix_types=MATRIX_TYPES, embed_types=(), matvec_tpr=request.param))
+    return arun(Ops.create(gpu, head_dim=64, matrix_types=MATRIX_TYPES + K_TYPES, embed_types=(),
+                           matvec_tpr=request.param))
 
 
 def f32buf(dev, a):
@@ -51,8 +53,15 @@ def run_and_read(dev, arun, batch, buf, n, dtype=np.float32):
 
 def weight_parts(raw, qtype, rows, k):
     """|d q| + |m| per weight: the magnitudes the kernels actually sum (see module docstring)."""
-    if qtype in (F32, F16, Q8_0):
+    if qtype in (F32, F16, Q8_0, Q6_K):
         return np.abs(ref.dequantize(raw, qtype, (rows, k)))
+    if qtype == Q4_K:  # d sc q - dmin m: dequantize with dmin = 0, then with d = 0
+        blocks = np.frombuffer(raw, np.uint8).reshape(-1, 144)
+        no_min, no_d = blocks.copy(), blocks.copy()
+        no_min[:, 2:4] = 0
+        no_d[:, 0:2] = 0
+        return (np.abs(ref.dequantize(no_min.tobytes(), Q4_K, (rows, k)))
+                + np.abs(ref.dequantize(no_d.tobytes(), Q4_K, (rows, k))))
     nbytes = ref.BLOCK[qtype][1]
     blocks = np.frombuffer(raw, np.uint8).reshape(-1, nbytes)
     d = np.abs(blocks[:, 0:2].copy().view(np.float16).astype(np.float64))
@@ -70,16 +79,15 @@ def matvec_tol(raw, qtype, rows, k, x):
 
 # -- quant formats: our numpy dequant is bit-exact with gguf-py -------------------------------
 
-@pytest.mark.parametrize("qtype", [F16, Q4_0, Q4_1, Q8_0])
+@pytest.mark.parametrize("qtype", [F16, Q4_0, Q4_1, Q8_0, Q4_K, Q6_K])
 def test_reference_dequant_matches_gguf_py(qtype):
     gq = pytest.importorskip("gguf.quants")
     import gguf
 
-    raw = ref.random_weights(np.random.default_rng(qtype), qtype, 3, 64)
-    gtype = {F16: gguf.GGMLQuantizationType.F16, Q4_0: gguf.GGMLQuantizationType.Q4_0,
-             Q4_1: gguf.GGMLQuantizationType.Q4_1, Q8_0: gguf.GGMLQuantizationType.Q8_0}[qtype]
+    raw = ref.random_weights(np.random.default_rng(qtype), qtype, 3, 512)
+    gtype = gguf.GGMLQuantizationType[ref.TYPE_NAMES[qtype].upper()]
     expect = gq.dequantize(np.frombuffer(raw, np.uint8).reshape(3, -1), gtype)
-    np.testing.assert_array_equal(ref.dequantize(raw, qtype, (3, 64)), expect)
+    np.testing.assert_array_equal(ref.dequantize(raw, qtype, (3, 512)), expect)
 
 
 # -- embed -----------------------------------------------------------------------------------
@@ -284,6 +292,29 @@ def test_matvec(gpu, mv_ops, arun, qtype, rows, k, x_off, y_off, acc):
     expect = ref.matvec(w, qtype, rows, k, x[x_off:]) + (y0[y_off:] if acc else 0)
     np.testing.assert_array_equal(got[:y_off], y0[:y_off])
     tol = matvec_tol(w, qtype, rows, k, x[x_off:]) + (np.abs(y0[y_off:]) * EPS32 if acc else 0)
+    assert np.all(np.abs(got[y_off:] - expect) <= tol), np.abs(got[y_off:] - expect).max()
+
+
+@pytest.mark.parametrize("qtype", K_TYPES)
+@pytest.mark.parametrize("rows,k,x_off,y_off,acc,fuse", [(5, 256, 0, 0, False, False), (37, 1536, 4, 3, True, False),
+                                                         (19, 512, 8, 0, True, True)])
+def test_matvec_k_quants(gpu, mv_ops, arun, qtype, rows, k, x_off, y_off, acc, fuse):
+    # Q4_K / Q6_K super-blocks of 256; odd rows put Q6_K blocks 2 bytes into a word.
+    rng = np.random.default_rng(rows * k + qtype)
+    w = ref.random_weights(rng, qtype, rows, k)
+    x = rng.normal(size=x_off + k).astype(np.float32)
+    nw = rng.normal(1, 0.3, k).astype(np.float32)
+    y0 = rng.normal(size=y_off + rows).astype(np.float32)
+    y = f32buf(gpu, y0)
+    b = gpu.batch()
+    mv_ops.matvec(b, gpu.upload(w), f32buf(gpu, x), y, qtype=qtype, rows=rows, k=k, x_off=x_off, y_off=y_off,
+                  accumulate=acc, norm_weight=f32buf(gpu, nw) if fuse else None)
+    got = run_and_read(gpu, arun, b, y, y_off + rows)
+    xin = ref.rmsnorm(x[None, x_off:], nw, 1e-5)[0] if fuse else x[x_off:]
+    expect = ref.matvec(w, qtype, rows, k, xin) + (y0[y_off:] if acc else 0)
+    np.testing.assert_array_equal(got[:y_off], y0[:y_off])
+    parts = weight_parts(w, qtype, rows, k) @ np.abs(xin.astype(np.float64))
+    tol = matvec_tol(w, qtype, rows, k, xin) + (2e-5 * parts if fuse else 0) + (np.abs(y0[y_off:]) * EPS32 if acc else 0)
     assert np.all(np.abs(got[y_off:] - expect) <= tol), np.abs(got[y_off:] - expect).max()
 
 

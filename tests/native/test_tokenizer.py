@@ -152,6 +152,10 @@ def test_tiny_vocab_matches_llama_cpp(name, tmp_path):
     tok = Tokenizer.from_gguf_metadata(read_metadata(path))
     errors = compare(tok, ref, TINY["corpus"])
     assert not errors, f"{name}: {len(errors)} differences from llama.cpp, first: " + "\n".join(errors[:5])
+    for text in TINY["corpus"]:                              # streaming gives the same text
+        ids = tok.encode(text, add_special=True, parse_special=True)
+        dec = StreamDecoder(tok)
+        assert "".join([dec.push(t) for t in ids] + [dec.flush()]) == tok.decode(ids)
     n_round_trips = 0
     for text, case in zip(TINY["corpus"], ref["cases"]):
         if case["detok_plain"] == text.encode().hex():     # where llama.cpp gives the text back
@@ -159,6 +163,24 @@ def test_tiny_vocab_matches_llama_cpp(name, tmp_path):
             assert tok.decode(tok.encode(text, add_special=True)) == text
             n_round_trips += 1
     assert n_round_trips >= 25, n_round_trips
+
+
+def test_encode_chat_uses_the_gguf_template(smollm2):
+    ids = smollm2.encode_chat([{"role": "user", "content": "Hi"}])
+    assert ids[0] == 1 and smollm2.decode(ids, special=True).endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert smollm2.decode(ids, special=True).count("<|im_start|>") == 3     # system, user, assistant
+
+
+def test_encode_chat_adds_bos_once(tmp_path):
+    msgs = [{"role": "user", "content": "Hi"}]
+    templates = json.loads((FIXTURES / "chat_templates.json").read_text(encoding="utf-8"))["templates"]
+    md = TINY["vocabs"]["bpe-llama-bpe"]["metadata"]
+    path = tmp_path / "llama-bpe.gguf"
+    write_gguf(path, md)
+    llama3 = Tokenizer.from_gguf_metadata(read_metadata(path))
+    assert llama3.add_bos
+    ids = llama3.encode_chat(msgs, template=templates["llama3"])
+    assert ids[0] == llama3.bos_id and ids.count(llama3.bos_id) == 1
 
 
 # -- pre-tokenizer scanners -----------------------------------------------------------------

@@ -10,6 +10,16 @@ Weights stay in their GGUF blocks on the GPU (`dev.upload(raw_bytes)`). Tensors 
 the same input can share one buffer by concatenating their raw bytes: rows of a quantized
 matrix are whole blocks, so wq|wk|wv bytes form one [(n_head + 2 n_kv) * head_dim, dim]
 matrix and one matvec computes Q, K and V; likewise gate|up.
+
+A Llama decode step in 6 dispatches per layer (tests/native/test_gpu_layer.py does this):
+    matvec(wqkv, h -> qkv, norm_weight=attn_norm)        RMSNorm fused into the input
+    rope_kv(qkv, cache)                                   RoPE on Q and K, K/V appended
+    attention(qkv -> att)                                 (+1 combine dispatch on long contexts)
+    matvec(wo, att -> h, accumulate=True)                 residual add fused
+    matvec(wgate|up, h -> gu, norm_weight=ffn_norm)
+    matvec(wdown, gu -> h, silu_up_off=ffn, accumulate=True)   SwiGLU and residual fused
+plus embed first and matvec(token_embd, h, norm_weight=output_norm) + argmax last.
+Prefill uses rmsnorm / matmul / rope_kv / attention(n_tokens=n) / silu_mul / matmul(accumulate).
 """
 
 from __future__ import annotations
@@ -17,9 +27,10 @@ from __future__ import annotations
 import math
 
 from .device import Batch, Buffer, Device
-from .reference import F16, F32, Q4_0, Q4_1, Q8_0, TYPE_NAMES, row_bytes
+from .reference import F16, F32, Q4_0, Q4_1, Q4_K, Q6_K, Q8_0, TYPE_NAMES, row_bytes
 
-MATRIX_TYPES = (Q4_0, Q4_1, Q8_0)
+MATRIX_TYPES = (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K)  # matvec; matmul (prefill) for the first three
+MATMUL_TYPES = (Q4_0, Q4_1, Q8_0)
 XMODE_PLAIN, XMODE_RMSNORM, XMODE_SILU = 0, 1, 2  # matvec input transforms (see matvec_*.wgsl)
 EMBED_TYPES = (F32, F16, Q4_0, Q4_1, Q8_0)
 
@@ -82,7 +93,8 @@ class Ops:
         for t in matrix_types:
             for mode in (XMODE_PLAIN, XMODE_RMSNORM, XMODE_SILU):
                 kernels[f"matvec_{t}_{mode}"] = await dev.kernel(f"matvec_{TYPE_NAMES[t]}", TPR=matvec_tpr, XMODE=mode)
-            kernels[f"matmul_{t}"] = await dev.kernel(f"matmul_{TYPE_NAMES[t]}")
+            if t in MATMUL_TYPES:
+                kernels[f"matmul_{t}"] = await dev.kernel(f"matmul_{TYPE_NAMES[t]}")
         return cls(dev, kernels, attention_wg, matvec_tpr, attention_split_len)
 
     def _kernel(self, key: str, what: str):
@@ -245,6 +257,9 @@ class Ops:
         y_stride = rows if y_stride is None else y_stride
         _need(x, (n_tokens - 1) * x_stride + x_off + k, "matmul x")
         _need(y, (n_tokens - 1) * y_stride + y_off + rows, "matmul y")
+        if qtype not in MATMUL_TYPES:
+            raise ValueError(f"matmul: no prefill kernel for {TYPE_NAMES[qtype]} yet; have "
+                             f"{[TYPE_NAMES[t] for t in MATMUL_TYPES]} (matvec per token works for it)")
         kern = self._kernel(f"matmul_{qtype}", f"matmul {TYPE_NAMES[qtype]}")
         b.dispatch(kern, (_cdiv(rows, 64), _cdiv(n_tokens, 32), 1), w=w, x=x, y=y, n_tokens=n_tokens, rows=rows,
                    k=k, x_stride=x_stride, x_off=x_off, y_stride=y_stride, y_off=y_off, acc=int(accumulate))

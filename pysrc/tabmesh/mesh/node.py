@@ -147,7 +147,7 @@ class Node:
 
     def _dispatch(self, peer_id: str, kind: Kind, rid: int, payload: bytes) -> None:
         if kind == Kind.PING:
-            self.tasks.spawn(self._send(peer_id, Kind.PONG, payload, rid), "pong")
+            self._reply(peer_id, Kind.PONG, payload, rid)
         elif kind == Kind.PONG:
             sent = self._ping_sent.pop((peer_id, rid), None)
             if sent is not None:
@@ -158,7 +158,7 @@ class Node:
                 self._resolve(peer_id, rid, rtt)
                 self._changed()
         elif kind == Kind.ECHO:
-            self.tasks.spawn(self._send(peer_id, Kind.ECHO_REPLY, payload, rid), "echo reply")
+            self._reply(peer_id, Kind.ECHO_REPLY, payload, rid)
         elif kind == Kind.ECHO_REPLY:
             self._resolve(peer_id, rid, payload)
         elif kind == Kind.DATA:
@@ -183,6 +183,17 @@ class Node:
         fut = self._waiters.pop((peer_id, rid), None)
         if fut is not None and not fut.done():
             fut.set_exception(RuntimeError(f"{err.get('type')}: {err.get('message')}"))
+
+    def _reply(self, peer_id: str, kind: Kind, payload: bytes, rid: int) -> None:
+        """Answer at once when the channel has room (no task, no event-loop hop: this is on
+        the round-trip path of every ping and every pipeline stage); else queue a task."""
+        info = self.peers.get(peer_id)
+        try_send = getattr(info.link, "try_send", None) if info is not None else None
+        if try_send is not None and info.state == "open":
+            frames = encode_message(kind, rid, payload, max_frame=info.link.max_frame)
+            if len(frames) == 1 and try_send(frames[0]):
+                return
+        self.tasks.spawn(self._send(peer_id, kind, payload, rid), f"{kind.name.lower()} to {peer_id}")
 
     async def _send(self, peer_id: str, kind: Kind, payload: bytes, rid: int | None = None) -> int:
         info = self.peers.get(peer_id)

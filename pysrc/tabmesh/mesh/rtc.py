@@ -136,6 +136,14 @@ class RTCLink:
         if self._low is not None and not self._low.done():
             self._low.set_result(None)
 
+    def try_send(self, frame: bytes) -> bool:
+        """Send now if the channel is open and not backed up; False means use send()."""
+        ch = self.channel
+        if ch is None or ch.readyState != "open" or ch.bufferedAmount > HIGH_WATER:
+            return False
+        ch.send(js_obj(frame))
+        return True
+
     async def send(self, frame: bytes) -> None:
         ch = self.channel
         if ch is None or ch.readyState != "open":
