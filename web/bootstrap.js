@@ -37,6 +37,8 @@ window.tabmesh = {
   send: (peerId, bytes) => call("send", peerId, bytes),
   inbox: () => callSync("inbox", []),
   selfTest: () => call("selfTest"),
+  stats: () => callSync("stats", {}),
+  debug: { sendRawFrame: (peerId, bytes) => call("sendRawFrame", peerId, bytes) },
   errors: [],
   _register(name, fn) { handlers.set(name, fn); },
   _ready(info) { resolveReady(info); },

@@ -93,6 +93,32 @@ FETCH_JS = """async ([url, reps]) => { const out = [];
   return out; }"""
 
 
+# A bare RTCDataChannel between the same two tabs, echoed in JS: the floor under our frames.
+RAW_SETUP_JS = """async (role) => {
+  window.__rawpc = new RTCPeerConnection({iceServers: []});
+  if (role === 'offer') { window.__rawdc = __rawpc.createDataChannel('raw'); }
+  else { __rawpc.ondatachannel = (e) => { const dc = e.channel; dc.onmessage = (m) => dc.send(m.data); }; }
+  const gathered = () => new Promise((r) => { if (__rawpc.iceGatheringState === 'complete') r();
+    __rawpc.onicegatheringstatechange = () => __rawpc.iceGatheringState === 'complete' && r(); });
+  window.__rawOffer = async () => { await __rawpc.setLocalDescription(await __rawpc.createOffer()); await gathered(); return __rawpc.localDescription.sdp; };
+  window.__rawAnswer = async (sdp) => { await __rawpc.setRemoteDescription({type: 'offer', sdp});
+    await __rawpc.setLocalDescription(await __rawpc.createAnswer()); await gathered(); return __rawpc.localDescription.sdp; };
+}"""
+RAW_PING_JS = """async ([sdp, n]) => { await __rawpc.setRemoteDescription({type: 'answer', sdp}); const dc = __rawdc;
+  await new Promise((r) => dc.readyState === 'open' ? r() : dc.onopen = r);
+  const out = [], buf = new Uint8Array(24);
+  for (let i = 0; i < n + 10; i++) { const t = performance.now(); const got = new Promise((r) => dc.onmessage = r);
+    dc.send(buf); await got; if (i >= 10) out.push(performance.now() - t); }
+  dc.close(); __rawpc.close(); return out; }"""
+
+
+def raw_datachannel_pings(a, b, n: int) -> list[float]:
+    a.evaluate(RAW_SETUP_JS, "offer")
+    b.evaluate(RAW_SETUP_JS, "answer")
+    answer = b.evaluate("(sdp) => __rawAnswer(sdp)", a.evaluate("__rawOffer()"))
+    return a.evaluate(RAW_PING_JS, [answer, n])
+
+
 def bench_mesh(server: ServerThread, pings: int) -> list[dict]:
     from playwright.sync_api import sync_playwright
     rows = []
@@ -120,10 +146,14 @@ def bench_mesh(server: ServerThread, pings: int) -> list[dict]:
             dc = a.evaluate(PING_LOOP_JS, [binfo["peerId"], pings])
             _progress(f"{pings} WebSocket pings through the server…")
             ws = a.evaluate(WS_LOOP_JS, pings)
+            _progress(f"{pings} pings on a bare JS RTCDataChannel…")
+            raw = raw_datachannel_pings(a, b, pings)
             for q, name in ((0.5, "p50"), (0.99, "p99")):
-                ours, ref = percentile(dc, q), percentile(ws, q)
-                rows.append({"section": "mesh", "figure": f"round trip {name} (ms)", "ours": ours,
-                             "reference": ref, "reference_name": "WebSocket via server", "ratio": ref / ours})
+                ours = percentile(dc, q)
+                for ref, ref_name in ((percentile(raw, q), "bare RTCDataChannel, JS echo"),
+                                      (percentile(ws, q), "WebSocket ping via server")):
+                    rows.append({"section": "mesh", "figure": f"round trip {name} (ms)", "ours": ours,
+                                 "reference": ref, "reference_name": ref_name, "ratio": ref / ours})
             _progress("4 MiB echo over the data channel vs 4 MiB HTTP fetch…")
             size, reps = 4 << 20, 3
             echo = a.evaluate(ECHO_JS, [binfo["peerId"], size, reps])

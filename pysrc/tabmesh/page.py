@@ -153,6 +153,8 @@ class Page:
         node = self.node
         self._sync_handler("peers", node.peer_list)
         self._sync_handler("inbox", lambda: list(node.inbox))
+        self._sync_handler("stats", lambda: {"droppedFrames": node.dropped_frames,
+                                             "pendingReassembly": node.reassembler.pending})
 
         async def ping(peer_id):
             return await node.ping(str(peer_id))
@@ -170,7 +172,16 @@ class Page:
             from .gpu.selftest import run_selftest
             return await run_selftest(self.device)
 
-        for name, fn in (("ping", ping), ("echo", echo), ("send", send), ("selfTest", self_test)):
+        async def send_raw(peer_id, data):
+            # Debugging aid (and the robustness tests): put arbitrary bytes on the channel.
+            info = node.peers.get(str(peer_id))
+            if info is None or info.state != "open":
+                raise ConnectionError(f"no open channel to peer {peer_id}")
+            await info.link.send(py_bytes(data))
+            return True
+
+        for name, fn in (("ping", ping), ("echo", echo), ("send", send), ("selfTest", self_test),
+                         ("sendRawFrame", send_raw)):
             self._async_handler(name, fn)
 
     def close(self) -> None:

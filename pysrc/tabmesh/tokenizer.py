@@ -436,8 +436,11 @@ class Tokenizer:
                 else:
                     out.append(b)
             return bytes(out)
-        if a & ATTR_BYTE:
-            return bytes([int(text[3:5], 16)])
+        if a & ATTR_BYTE:                        # "<0xXX>"; like strtol, garbage reads as 0
+            hexdigits = text[3:5]
+            while hexdigits and not all(c in "0123456789abcdefABCDEF" for c in hexdigits):
+                hexdigits = hexdigits[:-1]
+            return bytes([int(hexdigits, 16) if hexdigits else 0])
         return b""
 
     # -- encoding ---------------------------------------------------------------------

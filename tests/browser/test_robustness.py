@@ -95,3 +95,42 @@ def test_server_rejects_hostile_signaling_and_keeps_serving_peers(open_node, new
     a.wait_peers(lambda ps: {p["peerId"] for p in ps if p["state"] == "open"} == {b.peer_id, c.peer_id},
                  what="newcomer after fuzz")
     assert a.page.evaluate("tabmesh.errors") == []
+
+
+MALFORMED_JS = """async ([peer, n]) => {
+  let x = 99991; const rnd = () => (x = (x * 48271) % 2147483647) / 2147483647;
+  const header = (fields) => { const b = new ArrayBuffer(24), v = new DataView(b);
+    v.setUint8(0, 84); v.setUint8(1, 77); fields.forEach(([off, size, val]) => size === 1 ? v.setUint8(off, val) : v.setUint32(off, val, true));
+    return new Uint8Array(b); };
+  const crafted = [
+    header([[2, 1, 1], [3, 1, 4], [4, 4, 1], [8, 4, 5], [12, 4, 2], [16, 4, 10], [20, 4, 0]]),        // chunk index past count
+    header([[2, 1, 1], [3, 1, 4], [4, 4, 2], [8, 4, 0], [12, 4, 1], [16, 4, 0xffffffff], [20, 4, 0]]), // absurd total
+    header([[2, 1, 7], [3, 1, 4]]),                                                                    // wrong version
+    header([[2, 1, 1], [3, 1, 250]]),                                                                  // unknown kind
+    new Uint8Array([1, 2, 3]),                                                                         // short
+  ];
+  for (const f of crafted) await tabmesh.debug.sendRawFrame(peer, f);
+  for (let i = 0; i < n; i++) {
+    const len = Math.floor(rnd() * 200), f = new Uint8Array(len);
+    for (let j = 0; j < len; j++) f[j] = Math.floor(rnd() * 256);
+    if (len > 2 && rnd() < 0.5) { f[0] = 84; f[1] = 77; f[2] = 1; }
+    await tabmesh.debug.sendRawFrame(peer, f);
+  }
+  return crafted.length + n;
+}"""
+
+
+def test_malformed_peer_frames_are_dropped_and_the_node_keeps_working(open_node, new_browser, room):
+    a = open_node(room)
+    b = open_node(room, on_browser=new_browser())
+    a.wait_peers(lambda ps: [p["state"] for p in ps] == ["open"], what="a sees b")
+    sent = a.page.evaluate(MALFORMED_JS, [b.peer_id, 300])
+    deadline = time.monotonic() + 20
+    while b.page.evaluate("tabmesh.stats()")["droppedFrames"] < sent:
+        assert time.monotonic() < deadline, b.page.evaluate("tabmesh.stats()")
+        time.sleep(0.2)
+    # still connected both ways and still correct
+    assert a.page.evaluate("async (id) => Array.from(await tabmesh.echo(id, new Uint8Array([9, 8, 7])))", b.peer_id) == [9, 8, 7]
+    assert b.page.evaluate("(id) => tabmesh.ping(id)", a.peer_id) > 0
+    assert [p["state"] for p in b.peers()] == ["open"]
+    assert b.page.evaluate("tabmesh.errors") == []

@@ -1,0 +1,459 @@
+"""A Llama (and Qwen2) forward pass on WebGPU: one stage (a contiguous layer range) of a
+GGUF model, its weights in raw GGUF blocks on the GPU, its KV cache on the GPU.
+
+    model = await GPULlama.load(dev, gguf, fetch_bytes, layers=range(a, b), n_ctx=2048)
+    out = await model.forward(tokens, start_pos, output="argmax")
+
+Same contract as NumpyLlama (the reference it is tested against): ``forward`` of n tokens at
+``start_pos`` writes KV positions start_pos .. start_pos + n - 1 (overwriting what was
+there: prefix reuse and replay) and attends causally to everything before them.
+- input: token ids on the first stage (layers start at 0), else ``hidden_in``, the
+  previous stage's hidden states (n_tokens, n_embd) float32.
+- output: "logits" (n_vocab,) float32 of the LAST token, or "argmax" (int, lowest id on
+  ties), on the last stage; "hidden" (n_tokens, n_embd) float32 on any stage.
+- prefill (n > 1) runs the batched matmul kernels, up to ``max_batch`` tokens per submit;
+  decode (n = 1) records ONE batch for all layers (one command buffer, one submit) and
+  reads back 8 bytes (argmax), n_vocab floats (logits) or n_embd floats (hidden).
+
+Dispatches per token in decode, per layer (gpu/ops.py documents the kernels):
+    matvec(wqkv, h -> qkv, fused RMSNorm)   [Qwen2: embed(bias) first, then accumulate]
+    rope_kv(qkv -> cache)                   RoPE on Q and K, K and V stored at start_pos
+    attention(qkv, cache -> att)            (+1 combine dispatch past 2 * 64 keys)
+    matvec(wo, att -> h, +=)                residual fused
+    matvec(wgate|up, h -> gu, fused RMSNorm)
+    matvec(wdown, gu -> h, fused SwiGLU, +=)
+plus embed first and matvec(output, fused final RMSNorm) + argmax last: 184 for SmolLM2.
+wq|wk|wv raw bytes are concatenated into one matrix when the three share a quant type,
+likewise gate|up; otherwise each is its own matvec writing its slice of the fused row.
+
+Qwen2's q/k/v biases: the embed kernel with an F32 "table" of one row (the bias) and ids
+all 0 broadcasts the bias into the QKV rows, and the projection then accumulates onto it.
+
+Loading fetches only the tensors this stage needs (model/weights.py decides which), in
+few requests: ``gguf.byte_ranges`` merged spans, cut at tensor boundaries into pieces of
+at most ``chunk_bytes`` so that a tab never holds much more than one piece in memory.
+
+Buffers (f32 unless noted; P = max_batch, d = n_embd, QKV = q_dim + 2 kv_dim, f = n_ff):
+    kv[layer]  (2, n_head_kv, n_ctx, head_dim)  K heads then V heads
+    ids (P,) u32, zero_ids (P,) u32, h (P, d), xn (P, d), qkv (P, QKV), att (P, q_dim),
+    gu (P, 2f), act (P, f), logits (n_vocab,), best (2,) u32
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Sequence
+
+import numpy as np
+
+from tabmesh.errors import GGUFError, UnsupportedQuantError
+from tabmesh.gpu.device import Batch, Buffer, Device
+from tabmesh.gpu.ops import EMBED_TYPES, MATMUL_TYPES, MATRIX_TYPES, Ops
+from tabmesh.gpu.reference import F32, TYPE_NAMES
+
+from .config import ContextLengthError, LlamaConfig, ModelConfigError
+from .weights import check_layers, tensors_needed
+
+DEFAULT_N_CTX = 2048
+DEFAULT_MAX_BATCH = 512  # prefill tokens per submit (activation buffers are sized for it)
+DEFAULT_CHUNK_BYTES = 64 << 20  # largest byte range fetched at once
+OUTPUTS = ("logits", "argmax", "hidden")
+
+FetchBytes = Callable[[int, int], "Awaitable[bytes] | bytes"]
+
+
+def file_fetcher(path: str | os.PathLike) -> FetchBytes:
+    """``fetch_bytes`` for a local file: bytes [start, end)."""
+    async def fetch(start: int, end: int) -> bytes:
+        with open(path, "rb") as f:
+            f.seek(start)
+            return f.read(end - start)
+
+    return fetch
+
+
+def plan_requests(gguf, names: Sequence[str], chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[tuple[int, int]]:
+    """Byte ranges [start, end) to fetch for ``names``: ``gguf.byte_ranges`` (neighbours
+    merged), each cut at tensor boundaries into pieces of at most ``chunk_bytes`` (a single
+    larger tensor is one piece of its own)."""
+    by_offset = sorted((gguf.tensors[n] for n in names), key=lambda t: t.offset)
+    out: list[tuple[int, int]] = []
+    for start, end in gguf.byte_ranges(names):
+        lo = hi = start
+        for t in by_offset:
+            if t.offset < start or t.end > end:
+                continue
+            if hi > lo and t.end - lo > chunk_bytes:
+                out.append((lo, hi))
+                lo = t.offset
+            hi = t.end
+        out.append((lo, hi))
+    return out
+
+
+@dataclass
+class Mat:
+    """A quantized matrix on the GPU in raw GGUF blocks; its rows land at column ``out_off``
+    of the output row (q, k, v or gate, up slices of a fused row when not concatenated)."""
+
+    buf: Buffer
+    qtype: int
+    rows: int
+    k: int
+    out_off: int = 0
+
+
+@dataclass
+class Layer:
+    attn_norm: Buffer  # (n_embd,)
+    ffn_norm: Buffer  # (n_embd,)
+    qkv: list[Mat]  # one [wq|wk|wv] matrix, or three when their quant types differ
+    qkv_bias: Buffer | None  # (QKV,) bq|bk|bv, Qwen2
+    wo: Mat
+    gate_up: list[Mat]  # one [gate|up] matrix, or two
+    down: Mat
+    kv: Buffer  # (2, n_head_kv, n_ctx, head_dim): K heads, then V heads
+
+
+class GPULlama:
+    """One stage of a Llama/Qwen2 model on a WebGPU device; see the module docstring."""
+
+    def __init__(self, dev: Device, cfg: LlamaConfig, ops: Ops, layers: range, n_ctx: int, max_batch: int):
+        self.dev, self.cfg, self.ops = dev, cfg, ops
+        self.layers = layers
+        self.is_first = layers.start == 0
+        self.is_last = layers.stop == cfg.n_layers
+        self.n_ctx = n_ctx
+        self.max_batch = max_batch
+        self.n_past = 0  # KV positions 0 .. n_past - 1 are filled
+        self.blocks: list[Layer] = []
+        self.tok_embd: Mat | None = None  # (n_vocab, n_embd), first stage
+        self.output_norm: Buffer | None = None  # (n_embd,), last stage
+        self.output: Mat | None = None  # (n_vocab, n_embd), last stage; tok_embd's buffer if tied
+        self.weight_bytes = 0  # bytes of weights uploaded
+        self.prefill_matmul = True  # False: prefill projections as per-token matvecs (see load)
+        self.last_timings: dict = {}
+        c, P = cfg, max_batch
+        self.qkv_dim = c.q_dim + 2 * c.kv_dim
+        f32 = lambda n, label: dev.create_buffer(4 * n, label)  # noqa: E731
+        self.ids = f32(P, "ids")
+        self.zero_ids = dev.upload(np.zeros(P, np.uint32), "zero-ids")
+        self.h, self.xn = f32(P * c.n_embd, "h"), f32(P * c.n_embd, "xn")
+        self.qkv, self.att = f32(P * self.qkv_dim, "qkv"), f32(P * c.q_dim, "att")
+        self.gu, self.act = f32(P * 2 * c.n_ff, "gu"), f32(P * c.n_ff, "act")
+        self.logits = f32(c.n_vocab, "logits") if self.is_last else None
+        self.best = f32(2, "argmax")
+
+    # -- loading -----------------------------------------------------------------------------
+    @classmethod
+    async def load(cls, device: Device, gguf_file, fetch_bytes: FetchBytes, layers: range | None = None,
+                   n_ctx: int = DEFAULT_N_CTX, *, max_batch: int = DEFAULT_MAX_BATCH,
+                   chunk_bytes: int = DEFAULT_CHUNK_BYTES, matvec_tpr: int | None = None,
+                   prefill: str = "auto") -> "GPULlama":
+        """Fetch this stage's tensors with ``await fetch_bytes(start, end)`` (a file read, or an
+        HTTP Range request in a tab), upload them as raw GGUF blocks and compile the kernels.
+
+        prefill: "matmul" (tiled matmul kernels), "matvec" (one matvec per token and matrix, in
+        the same single batch), or "auto": matmul on GPUs, matvec on CPU adapters (lavapipe,
+        SwiftShader), where the tiled matmul measured ~7x slower than per-token matvecs
+        (workgroup barriers are emulated; a 32-token tile costs as much as 35 matvecs)."""
+        if prefill not in ("auto", "matmul", "matvec"):
+            raise ValueError(f"prefill must be 'auto', 'matmul' or 'matvec', got {prefill!r}")
+        gguf = gguf_file
+        cfg = LlamaConfig.from_gguf(gguf)
+        layers = check_layers(cfg, range(cfg.n_layers) if layers is None else layers)
+        if not 0 < n_ctx <= cfg.n_ctx_train:
+            raise ContextLengthError(f"n_ctx {n_ctx} must be between 1 and the model's trained context "
+                                     f"length {cfg.n_ctx_train}")
+        if cfg.head_dim % 4 or cfg.head_dim > 256:
+            raise ModelConfigError(f"head_dim {cfg.head_dim}: the attention kernel needs a multiple of 4, at most 256")
+        names = tensors_needed(cfg, gguf, layers)
+        matrix_types, embed_types = set(), {F32}  # F32: the Qwen2 bias broadcast
+        for name in names:
+            t = gguf.tensors[name]
+            if len(t.shape) == 1:
+                continue
+            if name == "token_embd.weight" and layers.start == 0:
+                if t.ggml_type not in EMBED_TYPES:
+                    raise UnsupportedQuantError(
+                        f"token_embd.weight is {t.type_name}; the GPU embedding kernel reads "
+                        f"{[TYPE_NAMES[q] for q in EMBED_TYPES]}: use a GGUF quantized with one of those "
+                        f"for token_embd (e.g. llama-quantize --token-embedding-type q8_0)")
+                embed_types.add(t.ggml_type)
+            if name == "token_embd.weight" and not (layers.stop == cfg.n_layers and cfg.tied_output):
+                continue  # an embedding table only, not a matrix
+            if t.ggml_type not in MATRIX_TYPES:
+                raise UnsupportedQuantError(f"tensor {name!r} is {t.type_name}; the GPU matvec kernels run "
+                                            f"{[TYPE_NAMES[q] for q in MATRIX_TYPES]}")
+            matrix_types.add(t.ggml_type)
+        ops = await Ops.create(device, head_dim=cfg.head_dim, matrix_types=tuple(sorted(matrix_types)),
+                               embed_types=tuple(sorted(embed_types)), matvec_tpr=matvec_tpr)
+        model = cls(device, cfg, ops, layers, n_ctx, max_batch)
+        model.prefill_matmul = prefill == "matmul" or (prefill == "auto" and not device.info.get("cpu_adapter"))
+        await model._load_weights(gguf, names, fetch_bytes, chunk_bytes)
+        return model
+
+    async def _load_weights(self, gguf, names: list[str], fetch_bytes: FetchBytes, chunk_bytes: int) -> None:
+        cfg, dev = self.cfg, self.dev
+        pending: dict[int, dict[str, memoryview]] = {i: {} for i in self.layers}
+        want = {i: {n[len(f"blk.{i}."):] for n in names if gguf.layer_of(n) == i} for i in self.layers}
+        blocks: dict[int, Layer] = {}
+        for start, end in plan_requests(gguf, names, chunk_bytes):
+            blob = fetch_bytes(start, end)
+            if inspect.isawaitable(blob):
+                blob = await blob
+            if len(blob) != end - start:
+                raise GGUFError(f"fetching bytes [{start}, {end}) of the GGUF gave {len(blob)} bytes, expected "
+                                f"{end - start}: the file is truncated or the server ignored the Range header")
+            for name in names:
+                info = gguf.tensors[name]
+                if not (start <= info.offset and info.end <= end):
+                    continue
+                raw = gguf.tensor_bytes(name, blob, start)
+                i = gguf.layer_of(name)
+                if i is None:
+                    self._load_global(gguf, name, raw)
+                    continue
+                pending[i][name[len(f"blk.{i}."):]] = raw
+                if set(pending[i]) == want[i]:
+                    blocks[i] = self._make_layer(gguf, i, pending.pop(i))
+        missing = [i for i in self.layers if i not in blocks]
+        if missing:
+            raise GGUFError(f"layers {missing} were not complete after fetching their byte ranges")
+        self.blocks = [blocks[i] for i in self.layers]
+        if self.is_last and self.output is None:
+            raise GGUFError("no output matrix was loaded (output.weight or the tied token_embd.weight)")
+
+    def _vector(self, gguf, name: str, raw) -> np.ndarray:
+        return np.ascontiguousarray(gguf.tensor_array(name, raw), dtype=np.float32)
+
+    def _upload(self, data, label: str) -> Buffer:
+        buf = self.dev.upload(data, label)
+        self.weight_bytes += buf.size
+        return buf
+
+    def _load_global(self, gguf, name: str, raw) -> None:
+        cfg, info = self.cfg, gguf.tensors[name]
+        if name == "output_norm.weight":
+            self.output_norm = self._upload(self._vector(gguf, name, raw), name)
+            return
+        mat = Mat(self._upload(raw, name), info.ggml_type, cfg.n_vocab, cfg.n_embd)
+        if name == "token_embd.weight":
+            if self.is_first:
+                self.tok_embd = mat
+            if self.is_last and cfg.tied_output:
+                self.output = mat
+        elif name == "output.weight":
+            self.output = mat
+
+    def _fused(self, gguf, i: int, raws: dict, suffixes: Sequence[str], label: str) -> list[Mat]:
+        """One matrix of the row-concatenated tensors when their types agree, else one each."""
+        infos = [gguf.tensors[f"blk.{i}.{s}"] for s in suffixes]
+        rows = [t.np_shape[0] for t in infos]
+        k = infos[0].np_shape[1]
+        if len({t.ggml_type for t in infos}) == 1:
+            data = b"".join(bytes(raws[s]) for s in suffixes)
+            return [Mat(self._upload(data, f"blk.{i}.{label}"), infos[0].ggml_type, sum(rows), k)]
+        offs = np.cumsum([0] + rows[:-1])
+        return [Mat(self._upload(raws[s], f"blk.{i}.{s}"), t.ggml_type, r, k, int(o))
+                for s, t, r, o in zip(suffixes, infos, rows, offs)]
+
+    def _make_layer(self, gguf, i: int, raws: dict) -> Layer:
+        cfg = self.cfg
+
+        def mat(s: str) -> Mat:
+            t = gguf.tensors[f"blk.{i}.{s}"]
+            return Mat(self._upload(raws[s], f"blk.{i}.{s}"), t.ggml_type, *t.np_shape)
+
+        def vec(s: str) -> np.ndarray:
+            return self._vector(gguf, f"blk.{i}.{s}", raws[s])
+
+        bias = None
+        if "attn_q.bias" in raws:  # required for qwen2 (weights.tensors_needed checked), rare for llama
+            zeros = lambda n: np.zeros(n, np.float32)  # noqa: E731
+            parts = [vec(s) if s in raws else zeros(n) for s, n in
+                     (("attn_q.bias", cfg.q_dim), ("attn_k.bias", cfg.kv_dim), ("attn_v.bias", cfg.kv_dim))]
+            bias = self._upload(np.concatenate(parts), f"blk.{i}.qkv_bias")
+        kv = self.dev.create_buffer(2 * cfg.n_head_kv * self.n_ctx * cfg.head_dim * 4, f"blk.{i}.kv")
+        return Layer(attn_norm=self._upload(vec("attn_norm.weight"), f"blk.{i}.attn_norm"),
+                     ffn_norm=self._upload(vec("ffn_norm.weight"), f"blk.{i}.ffn_norm"),
+                     qkv=self._fused(gguf, i, raws, ("attn_q.weight", "attn_k.weight", "attn_v.weight"), "qkv"),
+                     qkv_bias=bias, wo=mat("attn_output.weight"),
+                     gate_up=self._fused(gguf, i, raws, ("ffn_gate.weight", "ffn_up.weight"), "gate_up"),
+                     down=mat("ffn_down.weight"), kv=kv)
+
+    # -- forward -----------------------------------------------------------------------------
+    def reset(self) -> None:
+        self.n_past = 0
+
+    def _check(self, tokens, start_pos: int, output: str, hidden_in) -> tuple[int, np.ndarray]:
+        """Validate one forward call; returns (n_tokens, ids or hidden states)."""
+        cfg, stage = self.cfg, f"stage for layers {self.layers.start}..{self.layers.stop - 1}"
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        if output != "hidden" and not self.is_last:
+            raise ValueError(f"{stage} of {cfg.n_layers} has no logits: ask for output='hidden' and pass them on")
+        if self.is_first:
+            if hidden_in is not None:
+                raise ValueError(f"{stage} embeds token ids itself; hidden_in is for later stages")
+            x = np.asarray(tokens)
+            if x.ndim != 1 or x.size == 0 or not np.issubdtype(x.dtype, np.integer):
+                raise ValueError(f"the first stage takes a non-empty list of token ids, got {x.dtype} {x.shape}")
+            bad = (x < 0) | (x >= cfg.n_vocab)
+            if bad.any():
+                raise ValueError(f"token id {int(x[bad][0])} is outside the vocabulary of {cfg.n_vocab} tokens")
+            x = x.astype(np.uint32)
+        else:
+            if hidden_in is None:
+                raise ValueError(f"{stage} takes the previous stage's hidden states: pass hidden_in")
+            x = np.ascontiguousarray(hidden_in, dtype=np.float32)
+            if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] != cfg.n_embd:
+                raise ValueError(f"{stage} takes hidden_in of shape (n_tokens, {cfg.n_embd}), got {x.shape}")
+            if tokens is not None and len(tokens) not in (0, x.shape[0]):
+                raise ValueError(f"{len(tokens)} tokens but hidden_in holds {x.shape[0]} rows")
+        n = x.shape[0]
+        if start_pos + n > self.n_ctx:
+            raise ContextLengthError(
+                f"{n} tokens at position {start_pos} need {start_pos + n} positions, over the context of "
+                f"{self.n_ctx} this model was loaded with (trained for {cfg.n_ctx_train}); shorten the prompt "
+                f"or the conversation, or load with a larger n_ctx")
+        if not 0 <= start_pos <= self.n_past:
+            raise ValueError(f"start_pos {start_pos} must be in 0..{self.n_past}: the KV cache holds positions "
+                             f"0..{self.n_past - 1}, and positions cannot be skipped")
+        return n, x
+
+    async def forward(self, tokens: Sequence[int] | None, start_pos: int, *, output: str = "logits",
+                      hidden_in: np.ndarray | None = None):
+        """Run this stage on n tokens at positions start_pos ..; see the module docstring.
+        Returns logits (n_vocab,) float32 | argmax int | hidden (n_tokens, n_embd) float32."""
+        t0 = time.perf_counter()
+        n, x = self._check(tokens, start_pos, output, hidden_in)
+        P, d = self.max_batch, self.cfg.n_embd
+        hidden_parts = []
+        record_s = run_s = cpu_s = 0.0
+        submits = 0
+        for c0 in range(0, n, P):  # prefill in chunks of max_batch tokens, one submit each
+            c1 = min(n, c0 + P)
+            m, last = c1 - c0, c1 == n
+            t = time.perf_counter()
+            if self.is_first:
+                self.dev.write(self.ids, x[c0:c1])
+            else:
+                self.dev.write(self.h, x[c0:c1])
+            b = self.dev.batch("decode" if n == 1 else "prefill")
+            self._record(b, m, start_pos + c0)
+            reads = {}
+            if output == "hidden":
+                reads["hidden"] = b.read(self.h, 0, m * d * 4)
+            elif last:
+                self._record_head(b, (m - 1) * d)
+                reads[output] = b.read(self.logits) if output == "logits" else b.read(self.best, 0, 8)
+            t1, c = time.perf_counter(), time.thread_time()
+            if reads:
+                res = await b.run()
+            else:
+                b.submit()
+            run_s += time.perf_counter() - t1
+            cpu_s += time.thread_time() - c
+            record_s += t1 - t
+            submits += 1
+            if output == "hidden":
+                hidden_parts.append(np.frombuffer(res[reads["hidden"]], np.float32).reshape(m, d))
+        self.n_past = start_pos + n
+        self.last_timings = {
+            "n_tokens": n, "submits": submits,
+            "record_s": record_s,  # Python: validation, ops calls, uniform packing, writes
+            "run_s": run_s,  # batch.run(): encode + submit + GPU + readback (wall)
+            "run_cpu_s": cpu_s,  # this thread's CPU time inside run(): encode + submit + map
+            "total_s": time.perf_counter() - t0,
+        }
+        if output == "hidden":
+            return np.concatenate(hidden_parts) if len(hidden_parts) > 1 else hidden_parts[0]
+        if output == "logits":
+            return np.frombuffer(res[reads["logits"]], np.float32).copy()
+        return int(np.frombuffer(res[reads["argmax"]], np.uint32)[0])
+
+    def _record(self, b: Batch, n: int, pos0: int) -> None:
+        """All layers of this stage for n tokens at pos0, h (n, n_embd) in and out."""
+        cfg, o = self.cfg, self.ops
+        d, eps = cfg.n_embd, cfg.rms_eps
+        if self.is_first:
+            e = self.tok_embd
+            o.embed(b, self.ids, e.buf, self.h, qtype=e.qtype, n_tokens=n, dim=d)
+        for L in self.blocks:
+            if n == 1:
+                self._record_decode_layer(b, L, pos0)
+                continue
+            o.rmsnorm(b, self.h, L.attn_norm, self.xn, n_rows=n, n=d, eps=eps)
+            self._bias(b, L, n)
+            self._project(b, L.qkv, self.xn, self.qkv, n, self.qkv_dim, accumulate=L.qkv_bias is not None)
+            self._attend(b, L, n, pos0)
+            self._project(b, [L.wo], self.att, self.h, n, d, accumulate=True)
+            o.rmsnorm(b, self.h, L.ffn_norm, self.xn, n_rows=n, n=d, eps=eps)
+            self._project(b, L.gate_up, self.xn, self.gu, n, 2 * cfg.n_ff)
+            o.silu_mul(b, self.gu, self.act, n_tokens=n, n=cfg.n_ff)
+            self._project(b, [L.down], self.act, self.h, n, d, accumulate=True)
+
+    def _record_decode_layer(self, b: Batch, L: Layer, pos: int) -> None:
+        cfg, o = self.cfg, self.ops
+        d, eps = cfg.n_embd, cfg.rms_eps
+        self._bias(b, L, 1)
+        for m in L.qkv:
+            o.matvec(b, m.buf, self.h, self.qkv, qtype=m.qtype, rows=m.rows, k=m.k, y_off=m.out_off,
+                     norm_weight=L.attn_norm, eps=eps, accumulate=L.qkv_bias is not None)
+        self._attend(b, L, 1, pos)
+        o.matvec(b, L.wo.buf, self.att, self.h, qtype=L.wo.qtype, rows=d, k=cfg.q_dim, accumulate=True)
+        for m in L.gate_up:
+            o.matvec(b, m.buf, self.h, self.gu, qtype=m.qtype, rows=m.rows, k=m.k, y_off=m.out_off,
+                     norm_weight=L.ffn_norm, eps=eps)
+        o.matvec(b, L.down.buf, self.gu, self.h, qtype=L.down.qtype, rows=d, k=cfg.n_ff, silu_up_off=cfg.n_ff,
+                 accumulate=True)
+
+    def _bias(self, b: Batch, L: Layer, n: int) -> None:
+        """Broadcast the q|k|v bias into the n QKV rows (the projection accumulates onto it)."""
+        if L.qkv_bias is not None:
+            self.ops.embed(b, self.zero_ids, L.qkv_bias, self.qkv, qtype=F32, n_tokens=n, dim=self.qkv_dim)
+
+    def _attend(self, b: Batch, L: Layer, n: int, pos0: int) -> None:
+        cfg, o = self.cfg, self.ops
+        v_off = cfg.n_head_kv * self.n_ctx * cfg.head_dim
+        o.rope_kv(b, self.qkv, L.kv, n_tokens=n, n_heads=cfg.n_head, n_kv_heads=cfg.n_head_kv,
+                  head_dim=cfg.head_dim, ctx=self.n_ctx, pos0=pos0, base=cfg.rope_base, neox=cfg.rope_neox,
+                  k_off=0, v_off=v_off, n_rot=cfg.n_rot, freq_scale=cfg.rope_freq_scale)
+        o.attention(b, self.qkv, L.kv, self.att, n_tokens=n, n_heads=cfg.n_head, n_kv_heads=cfg.n_head_kv,
+                    head_dim=cfg.head_dim, ctx=self.n_ctx, pos0=pos0, k_off=0, v_off=v_off, q_stride=self.qkv_dim)
+
+    def _project(self, b: Batch, mats: list[Mat], x: Buffer, y: Buffer, n: int, y_stride: int,
+                 accumulate: bool = False) -> None:
+        """Y[t, m.out_off:] (+)= X[t] W_m^T for n tokens: matmul, or per-token matvecs (CPU
+        adapters; quant types with no matmul kernel, i.e. K-quants)."""
+        for m in mats:
+            if self.prefill_matmul and m.qtype in MATMUL_TYPES:
+                self.ops.matmul(b, m.buf, x, y, qtype=m.qtype, n_tokens=n, rows=m.rows, k=m.k,
+                                y_stride=y_stride, y_off=m.out_off, accumulate=accumulate)
+            else:
+                for t in range(n):
+                    self.ops.matvec(b, m.buf, x, y, qtype=m.qtype, rows=m.rows, k=m.k, x_off=t * m.k,
+                                    y_off=t * y_stride + m.out_off, accumulate=accumulate)
+
+    def _record_head(self, b: Batch, h_off: int) -> None:
+        """Logits of the token whose hidden state is at h[h_off:], final RMSNorm fused, and their argmax."""
+        cfg, out = self.cfg, self.output
+        self.ops.matvec(b, out.buf, self.h, self.logits, qtype=out.qtype, rows=cfg.n_vocab, k=cfg.n_embd,
+                        x_off=h_off, norm_weight=self.output_norm, eps=cfg.rms_eps)
+        self.ops.argmax(b, self.logits, self.best, n=cfg.n_vocab)
+
+    async def generate_greedy(self, prompt: Sequence[int], n_new: int, stop: Sequence[int] = ()) -> list[int]:
+        """Temperature 0 on a whole model: prefill ``prompt`` at 0, then up to n_new argmax tokens."""
+        if not (self.is_first and self.is_last):
+            raise ValueError(f"generate_greedy needs all {self.cfg.n_layers} layers")
+        out: list[int] = []
+        tok = await self.forward(list(prompt), 0, output="argmax")
+        while True:
+            out.append(tok)
+            if tok in stop or len(out) >= n_new:
+                return out
+            tok = await self.forward([tok], len(prompt) + len(out) - 1, output="argmax")

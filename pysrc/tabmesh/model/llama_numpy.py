@@ -1,0 +1,216 @@
+"""A Llama (and Qwen2) forward pass in plain numpy, float32: the whole-model reference the
+WebGPU kernels are checked against, and the backend of a tab that has no WebGPU.
+
+It runs any contiguous layer range, so one model can be split into pipeline stages:
+
+    stage = NumpyLlama(cfg, weights)             # weights.layers == range(a, b)
+    out = stage.forward(x, start_pos)
+        x:   token ids (list[int]) if a == 0, else the previous stage's hidden states
+             (n_tokens, n_embd) float32
+        out: logits (n_tokens, n_vocab) if b == n_layers, else hidden states (n_tokens, n_embd)
+
+Each stage owns a KV cache for its own layers, preallocated at construction. ``forward``
+of n tokens at ``start_pos`` writes cache positions start_pos .. start_pos + n - 1 and
+attends causally to everything before them: a prompt is prefilled in one call (batched
+matmuls), then tokens are decoded one call each. ``start_pos`` may go back (rewind: the
+positions after it are overwritten) but not skip ahead.
+
+The math, per block (x is the residual stream, (n_tokens, n_embd)):
+    h = rmsnorm(x) * attn_norm
+    q, k, v = h @ wq.T (+ bq), h @ wk.T (+ bk), h @ wv.T (+ bv)
+    q, k = rope(q), rope(k)                           # per head, position-dependent rotation
+    x = x + softmax(q k^T / sqrt(head_dim) + causal mask) v @ wo.T   # GQA: head h reads KV head h // n_group
+    h = rmsnorm(x) * ffn_norm
+    x = x + (silu(h @ w_gate.T) * (h @ w_up.T)) @ w_down.T
+then logits = (rmsnorm(x) * output_norm) @ output.T. Everything is as llama.cpp computes it
+(ggml's op order for rmsnorm and softmax), except that llama.cpp's CPU backend rounds
+activations to 8 bits (Q8_0/Q8_1) for its quantized matmuls and stores K/V in f16; here
+weights are dequantized once to float32 and nothing is rounded.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+
+from .config import ContextLengthError, LlamaConfig
+from .weights import ModelWeights, check_layers, weights_from_path
+
+DEFAULT_MAX_CTX = 2048  # default KV cache length when n_ctx is not given (memory, not a model limit)
+
+
+def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x (n, d) float32, weight (d,) -> (n, d). ggml_rms_norm then ggml_mul: the mean of
+    squares summed in float64, the scale 1/sqrt(mean + eps) in float32."""
+    mean_sq = np.mean(np.square(x, dtype=np.float64), axis=-1, keepdims=True).astype(np.float32)
+    scale = np.float32(1.0) / np.sqrt(mean_sq + np.float32(eps))
+    return (x * scale) * weight
+
+
+def rope_tables(cfg: LlamaConfig, start_pos: int, n_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin (n_tokens, 1, n_rot/2) for positions start_pos ..; pair i turns by
+    theta = pos * freq_scale * base^(-2i / n_rot)."""
+    half = cfg.n_rot // 2
+    pos = np.arange(start_pos, start_pos + n_tokens, dtype=np.float64)[:, None, None]
+    inv_freq = cfg.rope_base ** (-2.0 * np.arange(half, dtype=np.float64) / cfg.n_rot)  # (half,)
+    theta = pos * cfg.rope_freq_scale * inv_freq  # (n_tokens, 1, half)
+    return np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
+
+
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, neox: bool) -> np.ndarray:
+    """Rotate x (n_tokens, n_heads, head_dim) in place and return it. The first n_rot dims
+    of a head form n_rot/2 pairs (a, b) -> (a cos - b sin, a sin + b cos): adjacent pairs
+    (2i, 2i+1) in the normal layout, (i, i + n_rot/2) in the neox layout."""
+    half = cos.shape[-1]
+    if neox:
+        a, b = x[..., :half].copy(), x[..., half:2 * half].copy()
+        x[..., :half], x[..., half:2 * half] = a * cos - b * sin, a * sin + b * cos
+    else:
+        a, b = x[..., 0:2 * half:2].copy(), x[..., 1:2 * half:2].copy()
+        x[..., 0:2 * half:2], x[..., 1:2 * half:2] = a * cos - b * sin, a * sin + b * cos
+    return x
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int) -> np.ndarray:
+    """Causal grouped-query attention.
+
+    q (T, n_head, hd): queries at positions start_pos .. start_pos + T - 1
+    k, v (n_keys, n_kv, hd): cache positions 0 .. n_keys - 1 (n_keys = start_pos + T)
+    -> (T, n_head, hd). Query head h reads KV head h // (n_head / n_kv), as ggml broadcasts.
+    """
+    n_tokens, n_head, hd = q.shape
+    n_keys, n_kv, _ = k.shape
+    group = n_head // n_kv
+    # rows of one KV head: its `group` query heads x T tokens
+    qg = q.reshape(n_tokens, n_kv, group, hd).transpose(1, 2, 0, 3).reshape(n_kv, group * n_tokens, hd)
+    scores = qg @ k.transpose(1, 2, 0)  # (n_kv, group * T, n_keys)
+    scores *= np.float32(1.0 / np.sqrt(hd))
+    scores = scores.reshape(n_kv, group, n_tokens, n_keys)
+    future = np.arange(n_keys)[None, :] > np.arange(start_pos, start_pos + n_tokens)[:, None]  # (T, n_keys)
+    scores[:, :, future] = -np.inf
+    scores -= scores.max(axis=-1, keepdims=True)
+    p = np.exp(scores)
+    p *= (np.float32(1.0) / p.sum(axis=-1, dtype=np.float64, keepdims=True)).astype(np.float32)
+    out = p.reshape(n_kv, group * n_tokens, n_keys) @ v.transpose(1, 0, 2)  # (n_kv, group * T, hd)
+    return out.reshape(n_kv, group, n_tokens, hd).transpose(2, 0, 1, 3).reshape(n_tokens, n_head, hd)
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (np.float32(1.0) + np.exp(-x))
+
+
+class NumpyLlama:
+    """One stage (a contiguous layer range) of a Llama/Qwen2 model, with its KV cache."""
+
+    def __init__(self, cfg: LlamaConfig, weights: ModelWeights, n_ctx: int | None = None) -> None:
+        self.cfg = cfg
+        self.w = weights
+        self.layers = check_layers(cfg, weights.layers)
+        self.is_first = self.layers.start == 0
+        self.is_last = self.layers.stop == cfg.n_layers
+        self.n_ctx = min(cfg.n_ctx_train, DEFAULT_MAX_CTX) if n_ctx is None else int(n_ctx)
+        if not 0 < self.n_ctx <= cfg.n_ctx_train:
+            raise ContextLengthError(f"n_ctx {self.n_ctx} must be between 1 and the model's trained "
+                                     f"context length {cfg.n_ctx_train}")
+        shape = (len(self.layers), self.n_ctx, cfg.n_head_kv, cfg.head_dim)
+        self.k_cache = np.zeros(shape, np.float32)  # (n_layers here, n_ctx, n_kv, head_dim)
+        self.v_cache = np.zeros(shape, np.float32)  # (n_layers here, n_ctx, n_kv, head_dim)
+        self.n_past = 0  # cache positions 0 .. n_past - 1 are filled
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike, layers: range | None = None,
+                  n_ctx: int | None = None) -> "NumpyLlama":
+        """Load ``layers`` (default: all) of a local GGUF and dequantize them."""
+        cfg, _, weights = weights_from_path(path, layers)
+        return cls(cfg, weights, n_ctx)
+
+    def reset(self) -> None:
+        self.n_past = 0
+
+    def _input(self, x: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Token ids (first stage) or hidden states -> residual stream (n_tokens, n_embd)."""
+        cfg = self.cfg
+        if self.is_first:
+            ids = np.asarray(x)
+            if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+                raise ValueError(f"the first stage takes a non-empty list of token ids, got "
+                                 f"an array of dtype {ids.dtype} and shape {ids.shape}")
+            bad = (ids < 0) | (ids >= cfg.n_vocab)
+            if bad.any():
+                raise ValueError(f"token id {int(ids[bad][0])} is outside the vocabulary of "
+                                 f"{cfg.n_vocab} tokens")
+            return self.w.tok_embd[ids]  # (n_tokens, n_embd)
+        h = np.asarray(x)
+        if h.ndim != 2 or h.shape[0] == 0 or h.shape[1] != cfg.n_embd:
+            raise ValueError(f"stage for layers {self.layers.start}..{self.layers.stop - 1} takes "
+                             f"hidden states of shape (n_tokens, {cfg.n_embd}), got {h.shape}")
+        return h.astype(np.float32)  # a copy: the caller's array is never written
+
+    def forward(self, x: Sequence[int] | np.ndarray, start_pos: int, *,
+                last_only: bool = False) -> np.ndarray:
+        """Run this stage on n_tokens tokens at positions start_pos .. start_pos + n_tokens - 1.
+
+        Returns logits (n_tokens, n_vocab) on the last stage (just the last token's,
+        (1, n_vocab), with ``last_only``), else hidden states (n_tokens, n_embd)."""
+        cfg = self.cfg
+        h = self._input(x)  # (T, n_embd)
+        n_tokens = h.shape[0]
+        end = start_pos + n_tokens
+        if end > self.n_ctx:
+            raise ContextLengthError(
+                f"{n_tokens} tokens at position {start_pos} need {end} positions, over the "
+                f"context of {self.n_ctx} (model trained for {cfg.n_ctx_train}); shorten the "
+                f"prompt or the conversation, or load the model with a larger n_ctx")
+        if not 0 <= start_pos <= self.n_past:
+            raise ValueError(f"start_pos {start_pos} must be in 0..{self.n_past}: the KV cache "
+                             f"holds positions 0..{self.n_past - 1}, and positions cannot be skipped")
+        cos, sin = rope_tables(cfg, start_pos, n_tokens)  # (T, 1, n_rot/2) each
+
+        for li, w in enumerate(self.w.blocks):
+            # attention
+            xn = rmsnorm(h, w.attn_norm, cfg.rms_eps)  # (T, n_embd)
+            q = xn @ w.wq.T  # (T, q_dim)
+            k = xn @ w.wk.T  # (T, kv_dim)
+            v = xn @ w.wv.T  # (T, kv_dim)
+            if w.bq is not None:
+                q += w.bq
+            if w.bk is not None:
+                k += w.bk
+            if w.bv is not None:
+                v += w.bv
+            q = rope(q.reshape(n_tokens, cfg.n_head, cfg.head_dim), cos, sin, cfg.rope_neox)
+            k = rope(k.reshape(n_tokens, cfg.n_head_kv, cfg.head_dim), cos, sin, cfg.rope_neox)
+            self.k_cache[li, start_pos:end] = k
+            self.v_cache[li, start_pos:end] = v.reshape(n_tokens, cfg.n_head_kv, cfg.head_dim)
+            att = attention(q, self.k_cache[li, :end], self.v_cache[li, :end], start_pos)  # (T, n_head, hd)
+            h += att.reshape(n_tokens, cfg.q_dim) @ w.wo.T
+            # feed-forward (SwiGLU)
+            xn = rmsnorm(h, w.ffn_norm, cfg.rms_eps)  # (T, n_embd)
+            h += (silu(xn @ w.w_gate.T) * (xn @ w.w_up.T)) @ w.w_down.T
+
+        self.n_past = end
+        if not self.is_last:
+            return h  # (T, n_embd)
+        if last_only:
+            h = h[-1:]
+        return rmsnorm(h, self.w.output_norm, cfg.rms_eps) @ self.w.output.T  # (T or 1, n_vocab)
+
+    def generate_greedy(self, prompt: Sequence[int], n_new: int,
+                        stop: Sequence[int] = ()) -> list[int]:
+        """Temperature-0 decoding on a whole model (first and last stage): prefill ``prompt``
+        at position 0, then up to ``n_new`` argmax tokens (ties: the lowest id), stopping
+        after a token in ``stop``."""
+        if not (self.is_first and self.is_last):
+            raise ValueError(f"generate_greedy needs all {self.cfg.n_layers} layers; this stage "
+                             f"runs {self.layers.start}..{self.layers.stop - 1}")
+        logits = self.forward(prompt, 0, last_only=True)
+        out: list[int] = []
+        for _ in range(n_new):
+            tok = int(np.argmax(logits[-1]))
+            out.append(tok)
+            if tok in stop or len(out) == n_new:
+                break
+            logits = self.forward([tok], len(prompt) + len(out) - 1)
+        return out
