@@ -17,6 +17,11 @@ It writes, under tests/fixtures/:
   reference of the numpy model's math (the 540 MB file is made in a temp dir and deleted;
   the tests run the numpy model on the Q4_1 file, whose dequantization it is).
 
+- model_tiny_qwen2.json: a 2-layer random Qwen2 (``tiny_qwen2_gguf``: F32 weights, q/k/v
+  biases, neox RoPE with linear scaling x2, an untied output) that covers what SmolLM2
+  does not; all logits of a short sequence as float32, and 8 greedy tokens. The tests
+  rebuild the same file from the same seed (its sha256 is recorded).
+
 llama.cpp is run with LLAMA_PARAMS (its defaults otherwise: f16 KV cache, no flash
 attention; on CPU its Q4_1 / Q8_0 matmuls round activations to Q8_1 / Q8_0 first).
 
@@ -165,6 +170,121 @@ def write(path: str, doc: dict) -> None:
     print(f"wrote {path} ({os.path.getsize(path)} bytes)")
 
 
+# -- a tiny random Qwen2 ------------------------------------------------------------------
+
+TINY = dict(n_layers=2, n_embd=64, n_head=4, n_head_kv=2, n_ff=96, n_vocab=256, n_ctx=256,
+            rope_base=10000.0, rope_scale=2.0, rms_eps=1e-6, seed=1234)
+TINY_TOKENS = [17, 200, 3, 3, 99, 42, 250, 7, 128, 64, 31, 5]
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2's byte -> printable character map: the 256 tokens of a byte-level vocabulary."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+            *range(ord("\xae"), ord("\xff") + 1)]
+    out, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + n)
+            n += 1
+    return [out[b] for b in range(256)]
+
+
+def tiny_qwen2_gguf(p: dict = TINY) -> bytes:
+    """A deterministic random 2-layer Qwen2 GGUF (float32 weights), as bytes."""
+    import io
+
+    from tabmesh.gguf import ValueType as V
+    from tabmesh.model.requant import write_gguf
+    from tabmesh.quants import GGMLType
+
+    rng = np.random.default_rng(p["seed"])
+    d, f, hd = p["n_embd"], p["n_ff"], p["n_embd"] // p["n_head"]
+    kv = p["n_head_kv"] * hd
+
+    def mat(rows: int, cols: int) -> np.ndarray:  # numpy (rows, cols) = GGUF ne (cols, rows)
+        return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
+
+    def vec(n: int, center: float, spread: float) -> np.ndarray:
+        return (center + spread * rng.standard_normal(n)).astype(np.float32)
+
+    arrays = {"token_embd.weight": mat(p["n_vocab"], d)}
+    for i in range(p["n_layers"]):
+        arrays.update({
+            f"blk.{i}.attn_norm.weight": vec(d, 1.0, 0.1),
+            f"blk.{i}.attn_q.weight": mat(d, d), f"blk.{i}.attn_q.bias": vec(d, 0.0, 0.5),
+            f"blk.{i}.attn_k.weight": mat(kv, d), f"blk.{i}.attn_k.bias": vec(kv, 0.0, 0.5),
+            f"blk.{i}.attn_v.weight": mat(kv, d), f"blk.{i}.attn_v.bias": vec(kv, 0.0, 0.5),
+            f"blk.{i}.attn_output.weight": mat(d, d),
+            f"blk.{i}.ffn_norm.weight": vec(d, 1.0, 0.1),
+            f"blk.{i}.ffn_gate.weight": mat(f, d), f"blk.{i}.ffn_up.weight": mat(f, d),
+            f"blk.{i}.ffn_down.weight": mat(d, f),
+        })
+    arrays["output_norm.weight"] = vec(d, 1.0, 0.1)
+    arrays["output.weight"] = mat(p["n_vocab"], d) * np.float32(4.0)
+
+    md = {
+        "general.architecture": ("qwen2", V.STRING),
+        "general.name": ("tabmesh tiny qwen2", V.STRING),
+        "general.file_type": (0, V.UINT32),
+        "qwen2.block_count": (p["n_layers"], V.UINT32),
+        "qwen2.context_length": (p["n_ctx"], V.UINT32),
+        "qwen2.embedding_length": (d, V.UINT32),
+        "qwen2.feed_forward_length": (f, V.UINT32),
+        "qwen2.attention.head_count": (p["n_head"], V.UINT32),
+        "qwen2.attention.head_count_kv": (p["n_head_kv"], V.UINT32),
+        "qwen2.rope.freq_base": (p["rope_base"], V.FLOAT32),
+        "qwen2.rope.scaling.type": ("linear", V.STRING),
+        "qwen2.rope.scaling.factor": (p["rope_scale"], V.FLOAT32),
+        "qwen2.attention.layer_norm_rms_epsilon": (p["rms_eps"], V.FLOAT32),
+        "tokenizer.ggml.model": ("gpt2", V.STRING),
+        "tokenizer.ggml.pre": ("qwen2", V.STRING),
+        "tokenizer.ggml.tokens": (_bytes_to_unicode(), (V.ARRAY, V.STRING)),
+        "tokenizer.ggml.token_type": (np.ones(p["n_vocab"], np.int32), (V.ARRAY, V.INT32)),
+        "tokenizer.ggml.merges": (["\u0120 \u0120"], (V.ARRAY, V.STRING)),
+        "tokenizer.ggml.bos_token_id": (0, V.UINT32),
+        "tokenizer.ggml.eos_token_id": (1, V.UINT32),
+    }
+    metadata = {k: v for k, (v, _) in md.items()}
+    value_types = {k: (t if isinstance(t, tuple) else (t, None)) for k, (_, t) in md.items()}
+    tensors = [(name, a.shape[::-1], GGMLType.F32, a.astype("<f4").tobytes())
+               for name, a in arrays.items()]
+    buf = io.BytesIO()
+    write_gguf(buf, metadata, value_types, tensors, alignment=32)
+    return buf.getvalue()
+
+
+def tiny_fixture() -> dict:
+    from llama_cpp import Llama
+
+    data = tiny_qwen2_gguf()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "tiny-qwen2.gguf")
+        with open(path, "wb") as f:
+            f.write(data)
+        llm = Llama(model_path=path, **{**LLAMA_PARAMS, **F32_KV, "n_ctx": TINY["n_ctx"]})
+        llm.eval(TINY_TOKENS)
+        n = len(TINY_TOKENS)
+        logits = np.array(llm.scores[:n], dtype=np.float32)  # (n, n_vocab)
+        greedy = []
+        tok = int(np.argmax(logits[-1]))
+        for step in range(8):
+            greedy.append(tok)
+            if step < 7:
+                llm.eval([tok])
+                tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        llm.close()
+    return {"generator": "scripts/make_model_fixtures.py", "model": {
+                "made_by": "scripts/make_model_fixtures.py:tiny_qwen2_gguf", "params": TINY,
+                "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)},
+            "llama_params": {**{k: v for k, v in LLAMA_PARAMS.items() if k != "verbose"},
+                             **F32_KV, "n_ctx": TINY["n_ctx"]},
+            "tokens": TINY_TOKENS,
+            "logits_f32": base64.b64encode(logits.astype("<f4").tobytes()).decode(),
+            "greedy": greedy}
+
+
 def main() -> int:
     import llama_cpp
     from tabmesh.model.requant import requantize, requantize_q8_0
@@ -173,7 +293,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=MODEL)
     ap.add_argument("--q8-out", default=None, help="keep the Q8_0 GGUF here (default: a temp dir)")
+    ap.add_argument("--only", choices=["smollm2", "tiny"], default=None)
     args = ap.parse_args()
+
+    if args.only != "smollm2":
+        write(os.path.join(FIXTURES, "model_tiny_qwen2.json"), tiny_fixture())
+    if args.only == "tiny":
+        return 0
 
     def doc(quant: str, model: dict, path: str, params: dict, full_last: bool) -> dict:
         probes, prompts = run_model(path, params, full_last)

@@ -18,10 +18,45 @@ function status(text) {
   if (el) el.textContent = text;
 }
 
+// Errors from the API keep OpenAI's shape: err.status, err.error = {message, type, param, code}.
+function toError(value) {
+  if (value && value.openai && value.openai.error) {
+    const err = new Error(value.openai.error.message);
+    err.status = value.status;
+    err.error = value.openai.error;
+    err.type = value.openai.error.type;
+    err.code = value.openai.error.code;
+    err.param = value.openai.error.param;
+    return err;
+  }
+  return value;
+}
+
 function call(name, ...args) {
   const fn = handlers.get(name);
   if (!fn) return Promise.reject(new Error(`tabmesh.${name}() is not available yet: await tabmesh.ready first`));
-  return new Promise((resolve, reject) => fn(resolve, reject, ...args));
+  return new Promise((resolve, reject) => fn(resolve, (e) => reject(toError(e)), ...args));
+}
+
+// A chat.completion.chunk stream, shaped like the openai package's: `for await (const c of stream)`,
+// stream.cancel() stops generation between tokens (a final chunk still arrives), break frees it.
+function chatStream(sid) {
+  let closed = false;
+  return {
+    id: sid,
+    async next() {
+      if (closed) return {done: true, value: undefined};
+      const r = await call("chatNext", sid);
+      if (r.done) { closed = true; return {done: true, value: undefined}; }
+      return {done: false, value: r.value};
+    },
+    async return() {
+      if (!closed) { closed = true; await call("chatClose", sid, false); }
+      return {done: true, value: undefined};
+    },
+    cancel() { return call("chatClose", sid, true); },
+    [Symbol.asyncIterator]() { return this; },
+  };
 }
 
 function callSync(name, fallback, ...args) {
@@ -38,6 +73,14 @@ window.tabmesh = {
   inbox: () => callSync("inbox", []),
   selfTest: () => call("selfTest"),
   stats: () => callSync("stats", {}),
+  chat: { completions: { create: (request) => (request && request.stream)
+    ? call("chatOpen", request).then(chatStream) : call("chatCreate", request) } },
+  models: { list: () => call("modelsList") },
+  llm: {
+    load: (opts) => call("llmLoad", opts || {}),
+    generate: (opts) => call("llmGenerate", opts),
+    info: () => callSync("llmInfo", null),
+  },
   debug: { sendRawFrame: (peerId, bytes) => call("sendRawFrame", peerId, bytes) },
   errors: [],
   _register(name, fn) { handlers.set(name, fn); },

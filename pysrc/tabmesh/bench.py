@@ -11,51 +11,18 @@ Progress goes to stderr; the table to stdout (and --json prints the rows as JSON
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import secrets
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
-from .headless import launch_args
+from .headless import ServerThread, launch_args
 
 
 def _progress(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-class ServerThread:
-    """`tabmesh serve` on an ephemeral localhost port, in a thread of this process."""
-
-    def __init__(self, root: Path):
-        from signaling.server import ServerConfig, start
-        self.config = ServerConfig(host="127.0.0.1", port=0, root=root)
-        self._start = start
-        self.loop = asyncio.new_event_loop()
-        self.port = None
-        ready = threading.Event()
-
-        def run():
-            asyncio.set_event_loop(self.loop)
-            self.runner, _site, self.port = self.loop.run_until_complete(self._start(self.config))
-            ready.set()
-            self.loop.run_forever()
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        if not ready.wait(30):
-            raise RuntimeError("the bench server did not start")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/"
-
-    def stop(self) -> None:
-        fut = asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop)
-        fut.result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
 
 
 def percentile(xs: list[float], q: float) -> float:

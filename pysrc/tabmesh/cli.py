@@ -43,6 +43,49 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _model_location(model: str | None) -> tuple[Path | None, str | None]:
+    """--model PATH → (folder to serve, file name); None → the default served models."""
+    if model is None:
+        return None, None
+    path = Path(model).expanduser().resolve()
+    if not path.is_file():
+        raise SystemExit(f"tabmesh: model file not found: {path}")
+    return path.parent, path.name
+
+
+def cmd_generate(args) -> int:
+    import json
+    from .headless import HeadlessTab
+    models_dir, name = _model_location(args.model)
+    opts = {"prompt": args.prompt, "chat": args.chat, "max_tokens": args.max_tokens,
+            "temperature": args.temperature, "seed": args.seed, "backend": args.backend, "model": name}
+    progress = (lambda msg: print(f"[generate] {msg}", file=sys.stderr, flush=True))
+    with HeadlessTab(repo_root(), models_dir, progress=progress) as tab:
+        if args.backend == "webgpu" and tab.info.get("gpu") is None:
+            raise SystemExit("tabmesh: this Chromium offers no WebGPU adapter; use --backend numpy")
+        progress(f"loading {name or 'the default model'} on {args.backend} and generating…")
+        result = tab.page.evaluate("(opts) => tabmesh.llm.generate(opts)", opts)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(result["text"])
+        t = result["timings"]
+        print(f"[{len(result['prompt_tokens'])} prompt tokens, {len(result['tokens'])} generated; load {t['load_s']:.1f} s, "
+              f"first token {t['ttft_s']:.2f} s, prefill {t['prefill_tok_s']:.1f} tok/s, decode {t['decode_tok_s']:.1f} tok/s]",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_tokenize(args) -> int:
+    import json
+    from .gguf import read_gguf_path
+    from .tokenizer import Tokenizer
+    tok = Tokenizer.from_gguf_metadata(read_gguf_path(args.model).metadata)
+    ids = tok.encode(args.text, add_special=not args.no_special, parse_special=args.parse_special)
+    print(json.dumps(ids) if args.json else " ".join(map(str, ids)))
+    return 0
+
+
 def cmd_bench(args) -> int:
     from . import bench
     return bench.main(args.rest, root=repo_root())
@@ -63,6 +106,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heartbeat-interval", type=float, default=2.0, help="seconds between client heartbeats")
     p.add_argument("--heartbeat-timeout", type=float, default=6.0, help="drop a peer silent this long (s)")
     p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("generate", help="generate with the page's engine in headless Chromium")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="render the prompt as one user message of the chat template")
+    p.add_argument("--model", help="a GGUF file (default: the first model setup fetched)")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--backend", choices=("webgpu", "numpy"), default="webgpu")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("tokenize", help="token ids of TEXT with a GGUF's tokenizer")
+    p.add_argument("--model", required=True)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-special", action="store_true", help="do not add BOS/EOS the vocabulary asks for")
+    p.add_argument("--parse-special", action="store_true", help="recognise special tokens written in TEXT")
+    p.add_argument("text")
+    p.set_defaults(fn=cmd_tokenize)
 
     p = sub.add_parser("bench", help="measure in headless Chromium against references; prints a table",
                        add_help=False)

@@ -238,13 +238,14 @@ class Engine:
 
         t0 = time.perf_counter()
         n_ctx = self.model.n_ctx
-        # a model may pad its output rows past the vocabulary; those ids cannot be decoded
         n_vocab = getattr(self.tokenizer, "n_vocab", None) or self.model.n_vocab
         room = n_ctx - len(prompt)                    # completion tokens that fit the window
         limit = room if params.max_tokens is None else min(params.max_tokens, room)
         constraint = JsonConstraint(self.json_vocab()) if params.json_object else None
         sampler = Sampler(params.sampling, params.seed, prompt, constraint)
-        output = "logits" if sampler.needs_logits else "argmax"
+        # a model may pad its output rows past the vocabulary; as those ids cannot be
+        # decoded, such a model is always asked for logits, cut to the vocabulary
+        output = "logits" if sampler.needs_logits or self.model.n_vocab > n_vocab else "argmax"
         stop_ids = self.stop_token_ids | set(params.stop_token_ids)
         stops = StopStringMatcher(params.stop)
         decoder = StreamDecoder(self.tokenizer)

@@ -5,8 +5,11 @@ own Chromium is used only when no system one exists.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+import threading
+from pathlib import Path
 
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
 
@@ -44,3 +47,71 @@ def launch_args(executable: str | None = None) -> dict:
     if exe:
         args["executable_path"] = exe
     return args
+
+
+class ServerThread:
+    """`tabmesh serve` on an ephemeral localhost port, in a thread of this process."""
+
+    def __init__(self, root: Path, models_dir: Path | None = None):
+        from signaling.server import ServerConfig, start
+        self.config = ServerConfig(host="127.0.0.1", port=0, root=root, models_dir=models_dir)
+        self._start = start
+        self.loop = asyncio.new_event_loop()
+        self.port = None
+        ready = threading.Event()
+
+        def run():
+            asyncio.set_event_loop(self.loop)
+            self.runner, _site, self.port = self.loop.run_until_complete(self._start(self.config))
+            ready.set()
+            self.loop.run_forever()
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        if not ready.wait(30):
+            raise RuntimeError("the bench server did not start")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def stop(self) -> None:
+        fut = asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop)
+        fut.result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+class HeadlessTab:
+    """A local server plus one headless Chromium tab of the app, booted and ready.
+
+        with HeadlessTab(root, models_dir) as tab:
+            tab.page.evaluate("tabmesh.llm.generate({...})")
+    """
+
+    def __init__(self, root: Path, models_dir: Path | None = None, room: str | None = None,
+                 boot_timeout_s: float = 120.0, progress=lambda msg: None):
+        self.root, self.models_dir, self.progress = root, models_dir, progress
+        self.room = room or "cli-" + os.urandom(3).hex()
+        self.boot_timeout_s = boot_timeout_s
+
+    def __enter__(self) -> "HeadlessTab":
+        from playwright.sync_api import sync_playwright
+        self.server = ServerThread(self.root, self.models_dir)
+        self._pw = sync_playwright().start()
+        try:
+            self.browser = self._pw.chromium.launch(**launch_args())
+            self.page = self.browser.new_context().new_page()
+            self.page.set_default_timeout(self.boot_timeout_s * 1000)
+            self.progress("booting a headless tab (Pyodide, WebGPU)…")
+            self.page.goto(f"{self.server.url}?room={self.room}")
+            self.info = self.page.evaluate("tabmesh.ready")
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for closer in (lambda: self.browser.close(), lambda: self._pw.stop(), lambda: self.server.stop()):
+            try:
+                closer()
+            except Exception:
+                pass

@@ -9,6 +9,7 @@ mid-flight and every failure is reported, never swallowed.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sys
 from typing import Any, Awaitable, Callable
@@ -32,13 +33,21 @@ else:
 
 
 def js_obj(value: Any):
-    """Python dicts/lists/bytes → plain JS objects/arrays/Uint8Array (no Map)."""
+    """Python dicts/lists/bytes → plain JS objects/arrays/Uint8Array (no Map).
+
+    JSON-able containers go through JSON so that None becomes null (to_js would make it
+    undefined, and OpenAI-shaped responses need their nulls)."""
     if not IN_PYODIDE:
         return value
     if isinstance(value, (bytes, bytearray, memoryview)):
         arr = js.Uint8Array.new(len(value))
         arr.assign(bytes(value))
         return arr
+    if isinstance(value, (dict, list, tuple)):
+        try:
+            return js.JSON.parse(json.dumps(value, allow_nan=False))
+        except (TypeError, ValueError):
+            pass
     return to_js(value, dict_converter=js.Object.fromEntries)
 
 

@@ -4,20 +4,23 @@ output a valid JSON prefix may be sampled, and the output ends when the object c
 Two parts:
 
 - a recognizer: a pushdown automaton over *bytes* (RFC 8259, root must be an object).
-  JSON's syntax is ASCII; bytes >= 0x80 are allowed only inside strings, so a byte-level
-  BPE token holding half of a UTF-8 character is judged correctly without decoding it.
+  JSON's syntax is ASCII; bytes >= 0x80 are allowed only inside strings, as well-formed
+  UTF-8 sequences, so a byte-level BPE token holding half of a character is judged
+  correctly without decoding it, and the output always decodes.
   A state is an immutable tuple ``(mode, stack, aux, ws)``:
       mode   one of the M_* constants below
       stack  the open containers, e.g. "{[{" (at most MAX_DEPTH)
       aux    mode data: key flag for strings, hex digits left in \\uXXXX, literal rest
       ws     whitespace bytes in a row outside strings (at most MAX_WS_RUN, so a model
              that loves newlines cannot stall between tokens forever)
-- a mask builder: ``JsonVocab`` holds every token's bytes (computed once per tokenizer);
-  ``JsonConstraint`` (one per generation) walks candidate tokens in logit order and keeps
-  the first ``limit`` that the recognizer accepts. A 256-entry table of allowed first
-  bytes (cached per state shape) rules out most of the vocabulary with one numpy gather,
-  so a check costs O(candidates scanned x token length), bounded by ``MAX_SCAN`` once
-  one allowed token is found.
+- a mask builder: ``JsonVocab`` holds every token's bytes and a few per-token facts
+  (first byte, first non-whitespace byte, "plain string text"), computed once per
+  tokenizer; ``JsonConstraint`` (one per generation) masks the logits. Cost per step:
+  two 257-entry tables of allowed (first, first non-whitespace) bytes, cached per state
+  shape, rule out most of the vocabulary with numpy gathers; inside a string every plain
+  token is allowed at once; the remaining candidates are checked with the recognizer in
+  logit order until ``limit`` are found (1 for greedy), at most ``MAX_SCAN`` once one
+  allowed token is known. About 1-10 ms per token on a 49k vocabulary.
 
 End of generation tokens are allowed only once the root object is complete; the engine
 stops right there, so in practice the output is exactly one object.
@@ -36,9 +39,9 @@ MAX_WS_RUN = 48       # consecutive whitespace bytes outside strings
 MAX_SCAN = 1024       # candidates checked per step once one allowed token has been found
 
 (M_TOP, M_OBJ_OPEN, M_OBJ_KEY, M_COLON, M_VALUE, M_ARR_OPEN, M_AFTER, M_DONE,
- M_STR, M_STR_ESC, M_STR_U,
+ M_STR, M_STR_ESC, M_STR_U, M_STR_UTF8,
  M_NUM_MINUS, M_NUM_ZERO, M_NUM_INT, M_NUM_DOT, M_NUM_FRAC, M_NUM_E, M_NUM_ESIGN, M_NUM_EXP,
- M_LIT) = range(20)
+ M_LIT) = range(21)
 
 State = tuple  # (mode, stack: str, aux, ws: int)
 START: State = (M_TOP, "", 0, 0)
@@ -47,6 +50,10 @@ _WS = frozenset(b" \t\n\r")
 _DIGITS = frozenset(b"0123456789")
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 _ESCAPES = frozenset(b'"\\/bfnrt')
+# UTF-8 lead byte -> continuation bytes (no overlong 2-byte leads, nothing past U+10FFFF;
+# the rarer overlong/surrogate 3-byte forms pass and decode as U+FFFD, still valid JSON)
+_UTF8_LEAD = {**{b: 1 for b in range(0xC2, 0xE0)}, **{b: 2 for b in range(0xE0, 0xF0)},
+              **{b: 3 for b in range(0xF0, 0xF5)}}
 _LITERALS = {ord("t"): b"rue", ord("f"): b"alse", ord("n"): b"ull"}
 _WS_MODES = frozenset((M_TOP, M_OBJ_OPEN, M_OBJ_KEY, M_COLON, M_VALUE, M_ARR_OPEN, M_AFTER))
 _NUM_DONE = frozenset((M_NUM_ZERO, M_NUM_INT, M_NUM_FRAC, M_NUM_EXP))  # a number may end here
@@ -83,7 +90,15 @@ def step(state: State, b: int) -> State | None:
             return (M_COLON, stack, 0, 0) if aux else _value_done(stack)
         if b == 0x5C:
             return (M_STR_ESC, stack, aux, 0)
-        return None if b < 0x20 else state
+        if b < 0x80:
+            return None if b < 0x20 else state
+        need = _UTF8_LEAD.get(b)                    # a multi-byte character starts
+        return None if need is None else (M_STR_UTF8, stack, aux * 8 + need, 0)
+    if mode == M_STR_UTF8:                          # aux: key*8 + continuation bytes still due
+        if not 0x80 <= b <= 0xBF:
+            return None
+        key, left = divmod(aux, 8)
+        return (M_STR, stack, key, 0) if left == 1 else (M_STR_UTF8, stack, key * 8 + left - 1, 0)
     if mode == M_AFTER:
         if b == 0x2C:                               # ,
             return (M_OBJ_KEY, stack, 0, 0) if stack[-1] == "{" else (M_VALUE, stack, 0, 0)
@@ -160,6 +175,16 @@ def is_valid_prefix(data: bytes) -> bool:
     return feed(START, data) is not None
 
 
+def _plain(piece: bytes) -> bool:
+    if not piece or b'"' in piece or b"\\" in piece or min(piece) < 0x20:
+        return False
+    try:
+        piece.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 class JsonVocab:
     """Every token's bytes and first byte, computed once per tokenizer.
 
@@ -175,10 +200,10 @@ class JsonVocab:
         # (n_vocab,) first byte that is not JSON whitespace, 256 if none
         self.first_nonws = np.fromiter((next((b for b in p if b not in _WS), 256) for p in self.pieces),
                                        np.int16, n)
-        # (n_vocab,) True if the token can sit anywhere inside a string: no quote, no
-        # backslash, no control byte (most of a vocabulary; judged without the recognizer)
-        self.plain_string = np.fromiter(
-            (bool(p) and b'"' not in p and b"\\" not in p and min(p) >= 0x20 for p in self.pieces), bool, n)
+        # (n_vocab,) True if the token can sit anywhere inside a string: whole UTF-8
+        # characters, no quote, no backslash, no control byte (most of a vocabulary; these
+        # are judged without the recognizer)
+        self.plain_string = np.fromiter((_plain(p) for p in self.pieces), bool, n)
         self.eog_ids = np.array(sorted(i for i in set(eog_ids) if 0 <= i < self.n_vocab), np.int64)
 
     @classmethod

@@ -11,6 +11,7 @@ import sys
 import time
 
 from .jsbridge import IN_PYODIDE, ProxyBag, TaskSet, js, js_error_message, js_obj, py_bytes
+from .llm_page import ChatPanel, LLMService
 from .mesh.node import Node
 from .mesh.rtc import RTCLink
 from .mesh.signaling import SignalingClient, SignalingError
@@ -100,6 +101,10 @@ class Page:
             self.device, self.gpu_info, self.selftest = await probe_gpu(self.ui)
         except Exception as exc:  # a broken GPU must not keep the tab out of the mesh
             self.ui.error(f"GPU start-up failed: {js_error_message(exc)}")
+        self.llm = LLMService(self.device, on_status=lambda text: self.ui.field("model-status", text),
+                              on_progress=self._model_progress)
+        self.chat = ChatPanel(self.llm, self.proxies, self.tasks, self.ui.error)
+        self.tasks.spawn(self.chat.populate(), "list models")
         self.ui.status(f"joining room {room}…")
         scheme = "wss" if js.location.protocol == "https:" else "ws"
         self.node = Node(make_link=lambda node, pid, initiator: RTCLink(node, pid, initiator),
@@ -119,6 +124,12 @@ class Page:
         if self.gpu_info is not None:
             gpu = {k: self.gpu_info[k] for k in ("vendor", "architecture", "features", "limits")}
         js.window.tabmesh._ready(js_obj({"peerId": welcome["peerId"], "room": room, "gpu": gpu}))
+
+    def _model_progress(self, done: int, total: int) -> None:
+        bar = js.document.getElementById("model-progress")
+        bar.hidden = done >= total
+        bar.max, bar.value = max(total, 1), done
+        self.ui.field("model-status", f"downloading weights: {done / 1e6:.1f} / {total / 1e6:.1f} MB")
 
     def _schedule_render(self) -> None:
         """Coalesce peer-table redraws: pongs arrive often and the DOM is slow from Python."""
@@ -142,7 +153,11 @@ class Page:
                 try:
                     resolve(js_obj(await fn(*args)))
                 except Exception as exc:
-                    reject(js.Error.new(js_error_message(exc)))
+                    to_openai = getattr(exc, "to_openai", None)
+                    if to_openai is not None:  # keep OpenAI's error shape across the JS boundary
+                        reject(js_obj({"openai": to_openai(), "status": getattr(exc, "http_status", 500)}))
+                    else:
+                        reject(js.Error.new(js_error_message(exc)))
             self.tasks.spawn(run(), f"tabmesh.{name}")
         js.window.tabmesh._register(name, self.proxies(handler))
 
@@ -183,6 +198,43 @@ class Page:
         for name, fn in (("ping", ping), ("echo", echo), ("send", send), ("selfTest", self_test),
                          ("sendRawFrame", send_raw)):
             self._async_handler(name, fn)
+
+        llm = self.llm
+
+        def as_dict(obj) -> dict:
+            value = obj.to_py() if hasattr(obj, "to_py") else obj
+            if not isinstance(value, dict):
+                from .api_errors import InvalidRequestError
+                raise InvalidRequestError("the request must be an object")
+            return value
+
+        async def chat_create(request):
+            return await llm.chat_create(as_dict(request))
+
+        async def chat_open(request):
+            return await llm.chat_open(as_dict(request))
+
+        async def chat_next(sid):
+            return await llm.chat_next(str(sid))
+
+        async def chat_close(sid, cancel_only=False):
+            return await llm.chat_close(str(sid), bool(cancel_only))
+
+        async def llm_load(opts=None):
+            opts = as_dict(opts) if opts is not None else {}
+            return await llm.load(opts.get("model"), opts.get("backend"), int(opts.get("nCtx", 2048)))
+
+        async def llm_generate(opts):
+            return await llm.generate(as_dict(opts))
+
+        async def models_list():
+            return await llm.models_list()
+
+        for name, fn in (("chatCreate", chat_create), ("chatOpen", chat_open), ("chatNext", chat_next),
+                         ("chatClose", chat_close), ("llmLoad", llm_load), ("llmGenerate", llm_generate),
+                         ("modelsList", models_list)):
+            self._async_handler(name, fn)
+        self._sync_handler("llmInfo", llm.info)
 
     def close(self) -> None:
         if self.node is not None:

@@ -190,6 +190,19 @@ def test_sampling_asks_for_logits_and_a_seed_reproduces():
     assert all(out == "logits" for _, _, out in calls)
 
 
+def test_padded_output_rows_are_never_chosen():
+    pad = V + 8
+
+    def prefers_padding(seq):
+        x = np.zeros(pad, np.float32)
+        x[V + 3], x[W["xyz"]] = 100.0, 50.0           # a row past the vocabulary wins the raw argmax
+        return x
+
+    model = FakeModel(prefers_padding, n_vocab=pad)
+    events = run(collect(Engine(model, TOK, None, "fake"), [1, 2], GenerationParams(sampling=GREEDY, max_tokens=2)))
+    assert text_of(events) == "xyzxyz" and {out for _, _, out in model.calls} == {"logits"}
+
+
 def test_max_tokens_finishes_with_length():
     engine, model = chat_engine(ids("Hel", "lo", " wor", "ld", "!"))
     events = run(collect(engine, engine.encode_chat(USER), GenerationParams(sampling=GREEDY, max_tokens=2)))

@@ -57,6 +57,8 @@ from tabmesh.gpu.reference import F32, TYPE_NAMES
 from .config import ContextLengthError, LlamaConfig, ModelConfigError
 from .weights import check_layers, tensors_needed
 
+# Pyodide has no time.thread_time; fall back to wall time there.
+_thread_time = getattr(time, "thread_time", time.perf_counter)
 DEFAULT_N_CTX = 2048
 DEFAULT_MAX_BATCH = 512  # prefill tokens per submit (activation buffers are sized for it)
 DEFAULT_CHUNK_BYTES = 64 << 20  # largest byte range fetched at once
@@ -351,13 +353,13 @@ class GPULlama:
             elif last:
                 self._record_head(b, (m - 1) * d)
                 reads[output] = b.read(self.logits) if output == "logits" else b.read(self.best, 0, 8)
-            t1, c = time.perf_counter(), time.thread_time()
+            t1, c = time.perf_counter(), _thread_time()
             if reads:
                 res = await b.run()
             else:
                 b.submit()
             run_s += time.perf_counter() - t1
-            cpu_s += time.thread_time() - c
+            cpu_s += _thread_time() - c
             record_s += t1 - t
             submits += 1
             if output == "hidden":
@@ -376,13 +378,14 @@ class GPULlama:
             return np.frombuffer(res[reads["logits"]], np.float32).copy()
         return int(np.frombuffer(res[reads["argmax"]], np.uint32)[0])
 
-    def _record(self, b: Batch, n: int, pos0: int) -> None:
-        """All layers of this stage for n tokens at pos0, h (n, n_embd) in and out."""
+    def _record(self, b: Batch, n: int, pos0: int, ids: Buffer | None = None) -> None:
+        """All layers of this stage for n tokens at pos0, h (n, n_embd) in and out; the first
+        stage embeds the token ids in ``ids`` (default self.ids) first."""
         cfg, o = self.cfg, self.ops
         d, eps = cfg.n_embd, cfg.rms_eps
         if self.is_first:
             e = self.tok_embd
-            o.embed(b, self.ids, e.buf, self.h, qtype=e.qtype, n_tokens=n, dim=d)
+            o.embed(b, self.ids if ids is None else ids, e.buf, self.h, qtype=e.qtype, n_tokens=n, dim=d)
         for L in self.blocks:
             if n == 1:
                 self._record_decode_layer(b, L, pos0)
@@ -439,21 +442,71 @@ class GPULlama:
                     self.ops.matvec(b, m.buf, x, y, qtype=m.qtype, rows=m.rows, k=m.k, x_off=t * m.k,
                                     y_off=t * y_stride + m.out_off, accumulate=accumulate)
 
-    def _record_head(self, b: Batch, h_off: int) -> None:
-        """Logits of the token whose hidden state is at h[h_off:], final RMSNorm fused, and their argmax."""
+    def _record_head(self, b: Batch, h_off: int, best: Buffer | None = None) -> None:
+        """Logits of the token whose hidden state is at h[h_off:], final RMSNorm fused, and their
+        argmax into ``best`` (default self.best): [token id u32, its logit f32 bits]."""
         cfg, out = self.cfg, self.output
         self.ops.matvec(b, out.buf, self.h, self.logits, qtype=out.qtype, rows=cfg.n_vocab, k=cfg.n_embd,
                         x_off=h_off, norm_weight=self.output_norm, eps=cfg.rms_eps)
-        self.ops.argmax(b, self.logits, self.best, n=cfg.n_vocab)
+        self.ops.argmax(b, self.logits, self.best if best is None else best, n=cfg.n_vocab)
 
-    async def generate_greedy(self, prompt: Sequence[int], n_new: int, stop: Sequence[int] = ()) -> list[int]:
-        """Temperature 0 on a whole model: prefill ``prompt`` at 0, then up to n_new argmax tokens."""
+    async def generate_greedy(self, prompt: Sequence[int], n_new: int, stop: Sequence[int] = (), *,
+                              lookahead: int = 1) -> list[int]:
+        """Temperature 0 on a whole model: prefill ``prompt`` at 0, then up to n_new argmax tokens
+        (stopping after one in ``stop``).
+
+        lookahead=1: one ``forward(output="argmax")`` per token: submit, wait, 8 bytes back.
+        lookahead=k>1: each step embeds the previous step's argmax straight from GPU memory, and
+        k steps (one submit each) go out before their k token ids come back in one copy batch,
+        so the CPU records token t+1 while the GPU computes token t. Up to k-1 steps past a stop
+        token are computed and dropped (their K/V lie past n_past: overwritten later).
+        ``last_timings`` then splits the CPU cost per token into recording and encode+submit.
+        """
         if not (self.is_first and self.is_last):
             raise ValueError(f"generate_greedy needs all {self.cfg.n_layers} layers")
-        out: list[int] = []
-        tok = await self.forward(list(prompt), 0, output="argmax")
-        while True:
-            out.append(tok)
-            if tok in stop or len(out) >= n_new:
-                return out
-            tok = await self.forward([tok], len(prompt) + len(out) - 1, output="argmax")
+        t0 = time.perf_counter()
+        out = [await self.forward(list(prompt), 0, output="argmax")]
+        t_prefill = time.perf_counter()
+        record_s = submit_s = 0.0
+        if lookahead <= 1:
+            while out[-1] not in stop and len(out) < n_new:
+                out.append(await self.forward([out[-1]], len(prompt) + len(out) - 1, output="argmax"))
+                record_s += self.last_timings["record_s"]
+                submit_s += self.last_timings["run_s"]
+        else:
+            slots = getattr(self, "_argmax_slots", [])
+            slots += [self.dev.create_buffer(8, f"argmax-{j}") for j in range(len(slots), lookahead)]
+            self._argmax_slots = slots
+            prev = self.best  # holds the prefill's argmax, i.e. out[0]
+            while out[-1] not in stop and len(out) < n_new:
+                k = min(lookahead, n_new - len(out))
+                pos = len(prompt) + len(out) - 1  # position of the token fed to the first step
+                if pos + k > self.n_ctx:
+                    raise ContextLengthError(f"generating to position {pos + k - 1} overflows the context of "
+                                             f"{self.n_ctx}; load with a larger n_ctx or generate fewer tokens")
+                for j in range(k):
+                    t = time.perf_counter()
+                    b = self.dev.batch("decode")
+                    self._record(b, 1, pos + j, ids=prev)
+                    self._record_head(b, 0, best=slots[j])
+                    t1 = time.perf_counter()
+                    b.submit()
+                    record_s += t1 - t
+                    submit_s += time.perf_counter() - t1
+                    prev = slots[j]
+                rb = self.dev.batch("tokens")
+                reads = [rb.read(slots[j], 0, 4) for j in range(k)]
+                res = await rb.run()
+                for r in reads:
+                    out.append(int(np.frombuffer(res[r], np.uint32)[0]))
+                    if out[-1] in stop:
+                        break
+        self.n_past = len(prompt) + len(out) - 1
+        n_dec = max(1, len(out) - 1)
+        t1 = time.perf_counter()
+        self.last_timings = {"n_tokens": len(out), "lookahead": lookahead, "prefill_s": t_prefill - t0,
+                             "decode_s": t1 - t_prefill, "decode_tok_per_s": (len(out) - 1) / (t1 - t_prefill),
+                             "record_s_per_token": record_s / n_dec,
+                             # lookahead > 1: encode + submit; 1: run() (encode, submit, GPU, readback)
+                             "submit_s_per_token" if lookahead > 1 else "run_s_per_token": submit_s / n_dec}
+        return out

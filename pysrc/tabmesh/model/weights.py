@@ -73,6 +73,22 @@ class ModelWeights:
     output_norm: np.ndarray | None  # (n_embd,), when the range ends at the last layer
     output: np.ndarray | None  # (n_vocab, n_embd), when it ends there; tok_embd itself if tied
 
+    def select(self, layers: range, n_layers: int) -> "ModelWeights":
+        """The weights of a sub-range of ``self.layers`` (of an ``n_layers`` model), sharing
+        the arrays: for re-planning a pipeline without reloading."""
+        if layers.step != 1 or len(layers) == 0 or layers.start < self.layers.start \
+                or layers.stop > self.layers.stop:
+            raise ModelConfigError(f"layers {layers!r} are not a non-empty part of the loaded "
+                                   f"{self.layers!r}")
+        if layers.start == 0 and self.tok_embd is None:
+            raise ModelConfigError("the embedding is needed for layer 0 but was not loaded")
+        off = layers.start - self.layers.start
+        is_last = layers.stop == n_layers
+        return ModelWeights(layers=layers, blocks=self.blocks[off:off + len(layers)],
+                            tok_embd=self.tok_embd if layers.start == 0 else None,
+                            output_norm=self.output_norm if is_last else None,
+                            output=self.output if is_last else None)
+
     @property
     def nbytes(self) -> int:
         arrays = {id(a): a for a in (self.tok_embd, self.output_norm, self.output) if a is not None}

@@ -1,0 +1,137 @@
+"""Load a GGUF into a generation Engine: WebGPU or numpy backend, in a tab or natively.
+
+    loaded = await load_model("models/SmolLM2-135M-Instruct.Q4_1.gguf", backend="numpy")
+    loaded = await load_model("/models/SmolLM2-135M-Instruct.Q4_1.gguf", backend="webgpu",
+                              device=dev, on_progress=show)          # in a tab: HTTP Range + Cache API
+
+A source starting with "/" or "http" inside a tab is a URL on our own server; anywhere else
+it is a local path. Only the tensors of `layers` are read.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from ..engine import Engine
+from ..gguf import read_gguf_path
+from ..jsbridge import IN_PYODIDE
+from ..tokenizer import Tokenizer
+from .config import LlamaConfig
+from .llama_numpy import NumpyLlama
+from .weights import tensors_needed, weights_from_ranges
+
+BACKENDS = ("webgpu", "numpy")
+DEFAULT_N_CTX = 2048
+
+
+class NumpyBackend:
+    """NumpyLlama behind the engine's async Model interface (see engine.Model)."""
+
+    def __init__(self, llama: NumpyLlama):
+        self.llama = llama
+        self.n_ctx = llama.n_ctx
+        self.n_vocab = llama.cfg.n_vocab
+        self.last_timings: dict = {}
+
+    async def forward(self, tokens, start_pos: int, *, output: str = "logits"):
+        t0 = time.perf_counter()
+        logits = self.llama.forward(list(tokens), start_pos, last_only=True)[0]
+        self.last_timings = {"n_tokens": len(tokens), "total_s": time.perf_counter() - t0}
+        await asyncio.sleep(0)  # let the page breathe between tokens
+        return int(np.argmax(logits)) if output == "argmax" else logits
+
+
+class GPUBackend:
+    """GPULlama (whole model) behind the engine's Model interface."""
+
+    def __init__(self, llama):
+        self.llama = llama
+        self.n_ctx = llama.n_ctx
+        self.n_vocab = llama.cfg.n_vocab
+
+    @property
+    def last_timings(self) -> dict:
+        return self.llama.last_timings
+
+    async def forward(self, tokens, start_pos: int, *, output: str = "logits"):
+        return await self.llama.forward(list(tokens), start_pos, output=output)
+
+
+@dataclass
+class LoadedModel:
+    engine: Engine
+    model_id: str
+    backend: str
+    config: LlamaConfig
+    load_s: float
+    bytes_read: int
+    cache_hits: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+def model_id_of(source: str) -> str:
+    return os.path.basename(source.split("?")[0])
+
+
+async def load_model(source: str, *, backend: str = "webgpu", device=None, n_ctx: int = DEFAULT_N_CTX,
+                     on_progress: Callable[[int, int], None] | None = None) -> LoadedModel:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "webgpu" and device is None:
+        raise ValueError("the webgpu backend needs a GPU device (tabmesh.gpu.open_device())")
+    t0 = time.perf_counter()
+    progress = on_progress or (lambda done, total: None)
+    remote = None
+    if IN_PYODIDE and (source.startswith("/") or source.startswith("http")):
+        from .remote import RemoteFile, read_header
+        remote = await RemoteFile(source).open()
+        gguf = await read_header(remote.fetch, remote.size)
+        fetch = remote.fetch
+    else:
+        gguf = read_gguf_path(source)
+
+        async def fetch(start: int, end: int) -> bytes:
+            with open(source, "rb") as f:
+                f.seek(start)
+                return f.read(end - start)
+    cfg = LlamaConfig.from_gguf(gguf)
+    n_ctx = min(n_ctx, cfg.n_ctx_train)
+    layers = range(cfg.n_layers)
+    ranges = gguf.byte_ranges(tensors_needed(cfg, gguf, layers))
+    total = sum(b - a for a, b in ranges)
+    done = 0
+
+    async def counted_fetch(start: int, end: int) -> bytes:
+        nonlocal done
+        data = await fetch(start, end)
+        done += len(data)
+        progress(min(done, total), total)
+        return data
+
+    progress(0, total)
+    tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
+    if backend == "webgpu":
+        from .llama_gpu import GPULlama
+        model = GPUBackend(await GPULlama.load(device, gguf, counted_fetch, layers=layers, n_ctx=n_ctx))
+    else:
+        blobs = [(a, await counted_fetch(a, b)) for a, b in ranges]
+        model = NumpyBackend(NumpyLlama(cfg, weights_from_ranges(cfg, gguf, layers, blobs), n_ctx))
+    model_id = model_id_of(source)
+    engine = Engine(model, tokenizer, tokenizer.chat_template, model_id)
+    warnings = [remote.cache_warning] if remote is not None and remote.cache_warning else []
+    return LoadedModel(engine, model_id, backend, cfg, time.perf_counter() - t0, done,
+                       remote.cache_hits if remote is not None else 0, warnings)
+
+
+def generation_summary(prompt_tokens: list[int], tokens: list[int], text: str, stats: Any,
+                       load_s: float) -> dict:
+    """The JSON `tabmesh generate --json` prints (also returned by tabmesh.llm.generate)."""
+    return {"prompt_tokens": list(prompt_tokens), "tokens": list(tokens), "text": text,
+            "timings": {"load_s": round(load_s, 4), "ttft_s": round(stats.ttft_s, 4),
+                        "prefill_tok_s": round(stats.prefill_tokens_per_s, 2),
+                        "decode_tok_s": round(stats.decode_tokens_per_s, 2)}}
