@@ -70,7 +70,8 @@ class LLMService:
             return None
         lm = self.loaded
         return {"model": lm.model_id, "backend": lm.backend, "loadS": round(lm.load_s, 3),
-                "bytesRead": lm.bytes_read, "cacheHits": lm.cache_hits, "nCtx": lm.engine.model.n_ctx,
+                "bytesRead": lm.bytes_read, "cacheHits": lm.cache_hits,
+                "networkBytes": lm.network_bytes, "nCtx": lm.engine.model.n_ctx,
                 "warnings": lm.warnings}
 
     async def ensure(self, model: str | None) -> None:

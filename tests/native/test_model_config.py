@@ -3,6 +3,7 @@ other architectures, options and every refusal."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -103,7 +104,8 @@ def test_defaults_and_overrides():
 
 
 @pytest.mark.parametrize("md,shapes,match", [
-    (llama_md(general__architecture="gemma"), TIED, "architecture 'gemma' is not supported; tabmesh runs llama, qwen2"),
+    (llama_md(general__architecture="gemma"), TIED,
+     "architecture 'gemma' is not supported; tabmesh runs llama, qwen2"),
     (llama_md(general__architecture=None), TIED, "'general.architecture' is missing"),
     (llama_md(llama__block_count=None), TIED, "'llama.block_count' is missing"),
     (llama_md(llama__block_count="30"), TIED, "'llama.block_count' must be an integer"),
@@ -114,12 +116,14 @@ def test_defaults_and_overrides():
     (llama_md(llama__attention__value_length=32), TIED, "key_length 64 != value_length 32"),
     (llama_md(llama__expert_count=8), TIED, "8 experts"),
     (llama_md(llama__rope__scaling__type="yarn"), TIED, "rope scaling 'yarn' is not supported"),
-    (llama_md(llama__rope__dimension_count=96), TIED, "rope dimension count 96 must be even and at most head_dim 64"),
+    (llama_md(llama__rope__dimension_count=96), TIED,
+     "rope dimension count 96 must be even and at most head_dim 64"),
     (llama_md(llama__rope__freq_base=0.0), TIED, "freq_base must be a positive number"),
     (llama_md(llama__attention__layer_norm_rms_epsilon=None), TIED, "layer_norm_rms_epsilon' is missing"),
     (llama_md(llama__attention__layer_norm_rms_epsilon=-1.0), TIED, "rms epsilon must be a positive"),
     (llama_md(tokenizer__ggml__eos_token_id=50000), TIED, "eos_id 50000 is outside the vocabulary of 49152"),
-    (llama_md(), {"token_embd.weight": (576, 32000)}, r"token_embd.weight has shape \[576, 32000\], expected \[576, 49152\]"),
+    (llama_md(), {"token_embd.weight": (576, 32000)},
+     r"token_embd.weight has shape \[576, 32000\], expected \[576, 49152\]"),
     (llama_md(), {**TIED, "rope_freqs.weight": (32,)}, "rope_freqs.weight"),
 ])
 def test_refusals(md, shapes, match):
@@ -129,7 +133,6 @@ def test_refusals(md, shapes, match):
 
 def test_direct_construction_is_validated():
     cfg = LlamaConfig.from_metadata(llama_md(), TIED)
-    import dataclasses
     with pytest.raises(ModelConfigError, match="rope_layout must be 'normal' or 'neox'"):
         dataclasses.replace(cfg, rope_layout="gptj")
     with pytest.raises(ModelConfigError, match="n_ff must be a positive integer"):

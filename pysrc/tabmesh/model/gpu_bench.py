@@ -2,6 +2,7 @@
 
     python -m tabmesh.model.gpu_bench --model models/SmolLM2-135M-Instruct.Q4_1.gguf
     python -m tabmesh.model.gpu_bench --synthetic .bench/smollm2_q4_1.header [--check]
+    python -m tabmesh.model.gpu_bench --synthetic HEADER --prefill 0 --decode 0 --profile
     python -m tabmesh.model.gpu_bench make-header MODEL.gguf OUT.header
 
 --synthetic runs a model of the exact shapes and quant types of a real GGUF whose header
@@ -23,6 +24,10 @@ Figures (printed as JSON; wall clock, no timestamp queries):
 - bound: decode tok/s if every token only streamed its weights (and KV cache) once from
   GPU memory at the card's nominal bandwidth (H100 SXM 3.35 TB/s, H200 4.8 TB/s, or
   --bandwidth).
+- --profile: GPU time per decode token with Python out of the way (16 steps recorded into
+  one batch, timed from its submit to the end of the work), whole and by part (matvecs,
+  rope_kv + attention, logits head), at positions 64 and n_ctx - 40, for several matvec
+  threads-per-row (TPR).
 """
 
 from __future__ import annotations
@@ -92,6 +97,62 @@ def bandwidth_for(device_name: str, override: float | None) -> float | None:
     return None
 
 
+async def gpu_ms_per_token(model: GPULlama, pos: int, reps: int, part: str = "all") -> tuple[float, float]:
+    """(encode+submit ms, GPU ms) per decode token: `reps` decode steps at positions pos.. (or
+    only one `part` of each: "matvec", "attention" (rope_kv + attention), "head") recorded into
+    ONE batch, so the wait after the submit is GPU time, not Python; one warm-up first."""
+    cfg, o, dev = model.cfg, model.ops, model.dev
+
+    def record(b, p):
+        if part == "all":
+            model._record(b, 1, p)
+            model._record_head(b, 0)
+        for L in model.blocks if part in ("matvec", "attention") else ():
+            if part == "attention":
+                model._attend(b, L, 1, p)
+                continue
+            for m in L.qkv:
+                o.matvec(b, m.buf, model.h, model.qkv, qtype=m.qtype, rows=m.rows, k=m.k, y_off=m.out_off,
+                         norm_weight=L.attn_norm)
+            o.matvec(b, L.wo.buf, model.att, model.h, qtype=L.wo.qtype, rows=cfg.n_embd, k=cfg.q_dim, accumulate=True)
+            for m in L.gate_up:
+                o.matvec(b, m.buf, model.h, model.gu, qtype=m.qtype, rows=m.rows, k=m.k, y_off=m.out_off,
+                         norm_weight=L.ffn_norm)
+            o.matvec(b, L.down.buf, model.gu, model.h, qtype=L.down.qtype, rows=cfg.n_embd, k=cfg.n_ff,
+                     silu_up_off=cfg.n_ff, accumulate=True)
+        if part == "head":
+            model._record_head(b, 0)
+
+    best = (float("inf"), float("inf"))
+    for _ in range(3):
+        b = dev.batch("profile")
+        for r in range(reps):
+            record(b, pos + r)
+        t0 = time.perf_counter()
+        b.submit()
+        t1 = time.perf_counter()
+        await dev.wait()
+        t2 = time.perf_counter()
+        best = min(best, ((t1 - t0) / reps * 1e3, (t2 - t1) / reps * 1e3), key=lambda x: x[1])
+    return round(best[0], 3), round(best[1], 3)
+
+
+async def profile(dev, g, path: str, n_ctx: int, tprs: list[int]) -> dict:
+    """GPU time per decode token by part, context length and matvec threads-per-row."""
+    out: dict = {}
+    for tpr in tprs:
+        model = await GPULlama.load(dev, g, file_fetcher(path), n_ctx=n_ctx, matvec_tpr=tpr)
+        row = {}
+        for pos in (64, n_ctx - 40):
+            row[f"all@{pos}"] = await gpu_ms_per_token(model, pos, 16)
+        for part in ("matvec", "attention", "head"):
+            row[f"{part}@64"] = await gpu_ms_per_token(model, 64, 16, part)
+        out[f"tpr{tpr}"] = row
+        print("profile tpr", tpr, row, file=sys.stderr, flush=True)
+        del model
+    return out
+
+
 async def bench(args) -> dict:
     dev = await open_device("native")
     res: dict = {"device": dev.info["device"], "adapter": dev.info.get("description") or dev.info["architecture"],
@@ -156,10 +217,15 @@ async def bench(args) -> dict:
         kv_bytes = cfg.n_layers * 2 * cfg.n_head_kv * pos * cfg.head_dim * 4
         bw = bandwidth_for(res["device"], args.bandwidth)
         if bw:
-            res["bound"] = {"bandwidth_Bps": bw, "bytes_per_token": model.weight_bytes + kv_bytes,
-                            "tok_per_s": round(bw / (model.weight_bytes + kv_bytes), 0),
-                            "forward_fraction": round(res["decode_forward"]["tok_per_s"] * (model.weight_bytes + kv_bytes) / bw, 4),
-                            "pipelined_fraction": round(res["decode_pipelined"]["tok_per_s"] * (model.weight_bytes + kv_bytes) / bw, 4)}
+            per_token = model.weight_bytes + kv_bytes
+            res["bound"] = {"bandwidth_Bps": bw, "bytes_per_token": per_token,
+                            "tok_per_s": round(bw / per_token, 0),
+                            "forward_fraction": round(res["decode_forward"]["tok_per_s"] * per_token / bw, 4),
+                            "pipelined_fraction": round(res["decode_pipelined"]["tok_per_s"] * per_token / bw, 4)}
+
+    if args.profile:
+        res["profile_ms_per_token"] = {"columns": "(encode+submit ms, GPU ms) per token, 16 tokens in one submit",
+                                       **await profile(dev, g, path, args.profile_ctx, args.profile_tpr)}
 
     if args.check:
         from .llama_numpy import NumpyLlama
@@ -199,6 +265,10 @@ def main(argv=None) -> None:
     p.add_argument("--reps", type=int, default=2, help="timed prefill repetitions after a warm-up")
     p.add_argument("--bandwidth", type=float, help="GPU memory bandwidth in bytes/s for the bound")
     p.add_argument("--check", action="store_true", help="compare with NumpyLlama on the same file")
+    p.add_argument("--profile", action="store_true", help="GPU time per decode token by part and matvec TPR")
+    p.add_argument("--profile-ctx", type=int, default=2048, help="context of the profiled models")
+    p.add_argument("--profile-tpr", type=lambda s: [int(x) for x in s.split(",")], default=[4, 8, 16, 32, 64],
+                   help="matvec threads per row to compare, comma-separated")
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args(argv)
     res = asyncio.run(bench(args))

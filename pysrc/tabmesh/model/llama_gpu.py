@@ -11,9 +11,14 @@ there: prefix reuse and replay) and attends causally to everything before them.
   previous stage's hidden states (n_tokens, n_embd) float32.
 - output: "logits" (n_vocab,) float32 of the LAST token, or "argmax" (int, lowest id on
   ties), on the last stage; "hidden" (n_tokens, n_embd) float32 on any stage.
-- prefill (n > 1) runs the batched matmul kernels, up to ``max_batch`` tokens per submit;
+- prefill (n > 1) runs the batched matmul kernels, up to ``max_batch`` tokens per submit
+  (on CPU adapters per-token matvecs in that same batch: see ``load(prefill=)``);
   decode (n = 1) records ONE batch for all layers (one command buffer, one submit) and
   reads back 8 bytes (argmax), n_vocab floats (logits) or n_embd floats (hidden).
+- ``last_timings`` after each call: record_s (Python recording), run_s (encode, submit,
+  GPU, readback), run_cpu_s (this thread's CPU time in run()), submits, total_s.
+- ``generate_greedy(prompt, n, lookahead=k)``: k > 1 feeds each argmax to the next step on
+  the GPU and reads k tokens back at once, overlapping CPU recording with GPU work.
 
 Dispatches per token in decode, per layer (gpu/ops.py documents the kernels):
     matvec(wqkv, h -> qkv, fused RMSNorm)   [Qwen2: embed(bias) first, then accumulate]
@@ -41,6 +46,7 @@ Buffers (f32 unless noted; P = max_batch, d = n_embd, QKV = q_dim + 2 kv_dim, f 
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import os
 import time
@@ -138,6 +144,9 @@ class GPULlama:
         self.weight_bytes = 0  # bytes of weights uploaded
         self.prefill_matmul = True  # False: prefill projections as per-token matvecs (see load)
         self.last_timings: dict = {}
+        # one call at a time: calls share the activation buffers, and a tab's event loop could
+        # otherwise interleave two of them at their awaits
+        self._busy = asyncio.Lock()
         c, P = cfg, max_batch
         self.qkv_dim = c.q_dim + 2 * c.kv_dim
         f32 = lambda n, label: dev.create_buffer(4 * n, label)  # noqa: E731
@@ -331,6 +340,10 @@ class GPULlama:
                       hidden_in: np.ndarray | None = None):
         """Run this stage on n tokens at positions start_pos ..; see the module docstring.
         Returns logits (n_vocab,) float32 | argmax int | hidden (n_tokens, n_embd) float32."""
+        async with self._busy:
+            return await self._forward(tokens, start_pos, output, hidden_in)
+
+    async def _forward(self, tokens, start_pos: int, output: str, hidden_in):
         t0 = time.perf_counter()
         n, x = self._check(tokens, start_pos, output, hidden_in)
         P, d = self.max_batch, self.cfg.n_embd
@@ -464,13 +477,17 @@ class GPULlama:
         """
         if not (self.is_first and self.is_last):
             raise ValueError(f"generate_greedy needs all {self.cfg.n_layers} layers")
+        async with self._busy:
+            return await self._generate_greedy(prompt, n_new, stop, lookahead)
+
+    async def _generate_greedy(self, prompt, n_new: int, stop, lookahead: int) -> list[int]:
         t0 = time.perf_counter()
-        out = [await self.forward(list(prompt), 0, output="argmax")]
+        out = [await self._forward(list(prompt), 0, "argmax", None)]
         t_prefill = time.perf_counter()
         record_s = submit_s = 0.0
         if lookahead <= 1:
             while out[-1] not in stop and len(out) < n_new:
-                out.append(await self.forward([out[-1]], len(prompt) + len(out) - 1, output="argmax"))
+                out.append(await self._forward([out[-1]], len(prompt) + len(out) - 1, "argmax", None))
                 record_s += self.last_timings["record_s"]
                 submit_s += self.last_timings["run_s"]
         else:

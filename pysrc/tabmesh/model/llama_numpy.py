@@ -22,10 +22,19 @@ The math, per block (x is the residual stream, (n_tokens, n_embd)):
     x = x + softmax(q k^T / sqrt(head_dim) + causal mask) v @ wo.T   # GQA: head h reads KV head h // n_group
     h = rmsnorm(x) * ffn_norm
     x = x + (silu(h @ w_gate.T) * (h @ w_up.T)) @ w_down.T
-then logits = (rmsnorm(x) * output_norm) @ output.T. Everything is as llama.cpp computes it
-(ggml's op order for rmsnorm and softmax), except that llama.cpp's CPU backend rounds
-activations to 8 bits (Q8_0/Q8_1) for its quantized matmuls and stores K/V in f16; here
-weights are dequantized once to float32 and nothing is rounded.
+then logits = (rmsnorm(x) * output_norm) @ output.T.
+
+Two numerics, chosen at construction:
+- ``numerics="f32"`` (the default): weights dequantized once to float32, nothing rounded.
+  As llama.cpp computes it on an F32 GGUF with an F32 KV cache (ggml's op order for rmsnorm
+  and softmax); the reference the WebGPU kernels are checked against.
+- ``numerics="ggml"``: llama.cpp's CPU arithmetic on the quantized file as it runs by
+  default (ggml_numerics.py says exactly what): matrices kept in their GGUF type, each
+  matmul's input rows quantized to Q8_0 / Q8_1 (integer dot products, f16 block scales),
+  an f16 KV cache, q and the softmax probabilities rounded to f16, float32 RoPE angles.
+  Weights come from ``ggml_numerics.ggml_weights_from_path`` (or ``from_path(...,
+  numerics="ggml")``). Greedy decoding then follows llama.cpp's tokens exactly where f32
+  numerics part from them at near-ties.
 """
 
 from __future__ import annotations
@@ -35,10 +44,12 @@ from typing import Sequence
 
 import numpy as np
 
+from . import ggml_numerics
 from .config import ContextLengthError, LlamaConfig
 from .weights import ModelWeights, check_layers, weights_from_path
 
 DEFAULT_MAX_CTX = 2048  # default KV cache length when n_ctx is not given (memory, not a model limit)
+NUMERICS = ("f32", "ggml")
 
 
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -101,10 +112,26 @@ def silu(x: np.ndarray) -> np.ndarray:
     return x / (np.float32(1.0) + np.exp(-x))
 
 
+def _matmul_f32(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    return x @ w.T
+
+
 class NumpyLlama:
     """One stage (a contiguous layer range) of a Llama/Qwen2 model, with its KV cache."""
 
-    def __init__(self, cfg: LlamaConfig, weights: ModelWeights, n_ctx: int | None = None) -> None:
+    def __init__(self, cfg: LlamaConfig, weights: ModelWeights, n_ctx: int | None = None,
+                 numerics: str = "f32") -> None:
+        if numerics not in NUMERICS:
+            raise ValueError(f"numerics must be one of {NUMERICS}, got {numerics!r}")
+        if numerics == "ggml":
+            mats = [getattr(b, f) for b in weights.blocks for f in
+                    ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")] + \
+                   ([weights.output] if weights.output is not None else [])
+            if not all(isinstance(m, ggml_numerics.QMatrix) for m in mats):
+                raise ValueError("numerics='ggml' needs the matrices in their GGUF types: load the "
+                                 "weights with ggml_numerics.ggml_weights_from_path (or "
+                                 "NumpyLlama.from_path(..., numerics='ggml')), not weights_from_path")
+        self.numerics = numerics
         self.cfg = cfg
         self.w = weights
         self.layers = check_layers(cfg, weights.layers)
@@ -115,16 +142,19 @@ class NumpyLlama:
             raise ContextLengthError(f"n_ctx {self.n_ctx} must be between 1 and the model's trained "
                                      f"context length {cfg.n_ctx_train}")
         shape = (len(self.layers), self.n_ctx, cfg.n_head_kv, cfg.head_dim)
+        # float32 arrays; in ggml numerics they hold f16 values (llama.cpp's f16 KV cache)
         self.k_cache = np.zeros(shape, np.float32)  # (n_layers here, n_ctx, n_kv, head_dim)
         self.v_cache = np.zeros(shape, np.float32)  # (n_layers here, n_ctx, n_kv, head_dim)
         self.n_past = 0  # cache positions 0 .. n_past - 1 are filled
 
     @classmethod
     def from_path(cls, path: str | os.PathLike, layers: range | None = None,
-                  n_ctx: int | None = None) -> "NumpyLlama":
-        """Load ``layers`` (default: all) of a local GGUF and dequantize them."""
-        cfg, _, weights = weights_from_path(path, layers)
-        return cls(cfg, weights, n_ctx)
+                  n_ctx: int | None = None, numerics: str = "f32") -> "NumpyLlama":
+        """Load ``layers`` (default: all) of a local GGUF: dequantized to float32 for f32
+        numerics, kept in their GGUF types for ggml numerics."""
+        load = ggml_numerics.ggml_weights_from_path if numerics == "ggml" else weights_from_path
+        cfg, _, weights = load(path, layers)
+        return cls(cfg, weights, n_ctx, numerics)
 
     def reset(self) -> None:
         self.n_past = 0
@@ -165,15 +195,21 @@ class NumpyLlama:
                 f"prompt or the conversation, or load the model with a larger n_ctx")
         if not 0 <= start_pos <= self.n_past:
             raise ValueError(f"start_pos {start_pos} must be in 0..{self.n_past}: the KV cache "
-                             f"holds positions 0..{self.n_past - 1}, and positions cannot be skipped")
-        cos, sin = rope_tables(cfg, start_pos, n_tokens)  # (T, 1, n_rot/2) each
+                             f"holds {self.n_past} positions, and positions cannot be skipped")
+        if self.numerics == "ggml":
+            g = ggml_numerics
+            norm, mm, att_fn, kv_round = g.rmsnorm, g.matmul, g.attention, g.f16_round
+            cos, sin = g.rope_tables(cfg, start_pos, n_tokens)  # (T, 1, n_rot/2) each
+        else:
+            norm, mm, att_fn, kv_round = rmsnorm, _matmul_f32, attention, None
+            cos, sin = rope_tables(cfg, start_pos, n_tokens)  # (T, 1, n_rot/2) each
 
         for li, w in enumerate(self.w.blocks):
             # attention
-            xn = rmsnorm(h, w.attn_norm, cfg.rms_eps)  # (T, n_embd)
-            q = xn @ w.wq.T  # (T, q_dim)
-            k = xn @ w.wk.T  # (T, kv_dim)
-            v = xn @ w.wv.T  # (T, kv_dim)
+            xn = norm(h, w.attn_norm, cfg.rms_eps)  # (T, n_embd)
+            q = mm(xn, w.wq)  # (T, q_dim)
+            k = mm(xn, w.wk)  # (T, kv_dim)
+            v = mm(xn, w.wv)  # (T, kv_dim)
             if w.bq is not None:
                 q += w.bq
             if w.bk is not None:
@@ -182,20 +218,23 @@ class NumpyLlama:
                 v += w.bv
             q = rope(q.reshape(n_tokens, cfg.n_head, cfg.head_dim), cos, sin, cfg.rope_neox)
             k = rope(k.reshape(n_tokens, cfg.n_head_kv, cfg.head_dim), cos, sin, cfg.rope_neox)
+            v = v.reshape(n_tokens, cfg.n_head_kv, cfg.head_dim)
+            if kv_round is not None:
+                k, v = kv_round(k), kv_round(v)
             self.k_cache[li, start_pos:end] = k
-            self.v_cache[li, start_pos:end] = v.reshape(n_tokens, cfg.n_head_kv, cfg.head_dim)
-            att = attention(q, self.k_cache[li, :end], self.v_cache[li, :end], start_pos)  # (T, n_head, hd)
-            h += att.reshape(n_tokens, cfg.q_dim) @ w.wo.T
+            self.v_cache[li, start_pos:end] = v
+            att = att_fn(q, self.k_cache[li, :end], self.v_cache[li, :end], start_pos)  # (T, n_head, hd)
+            h += mm(att.reshape(n_tokens, cfg.q_dim), w.wo)
             # feed-forward (SwiGLU)
-            xn = rmsnorm(h, w.ffn_norm, cfg.rms_eps)  # (T, n_embd)
-            h += (silu(xn @ w.w_gate.T) * (xn @ w.w_up.T)) @ w.w_down.T
+            xn = norm(h, w.ffn_norm, cfg.rms_eps)  # (T, n_embd)
+            h += mm(silu(mm(xn, w.w_gate)) * mm(xn, w.w_up), w.w_down)
 
         self.n_past = end
         if not self.is_last:
             return h  # (T, n_embd)
         if last_only:
             h = h[-1:]
-        return rmsnorm(h, self.w.output_norm, cfg.rms_eps) @ self.w.output.T  # (T or 1, n_vocab)
+        return mm(norm(h, self.w.output_norm, cfg.rms_eps), self.w.output)  # (T or 1, n_vocab)
 
     def generate_greedy(self, prompt: Sequence[int], n_new: int,
                         stop: Sequence[int] = ()) -> list[int]:

@@ -23,10 +23,11 @@ from ..jsbridge import IN_PYODIDE
 from ..tokenizer import Tokenizer
 from .config import LlamaConfig
 from .llama_numpy import NumpyLlama
-from .weights import tensors_needed, weights_from_ranges
+from .weights import iter_load_weights, raw_reader, tensors_needed
 
 BACKENDS = ("webgpu", "numpy")
 DEFAULT_N_CTX = 2048
+NUMPY_PREFILL_CHUNK = 2  # Pyodide numpy prefills ~3 tok/s: keep each slice well under a second
 
 
 class NumpyBackend:
@@ -71,6 +72,7 @@ class LoadedModel:
     load_s: float
     bytes_read: int
     cache_hits: int = 0
+    network_bytes: int = 0    # bytes that came over HTTP this time (the rest from the Cache API)
     warnings: list[str] = field(default_factory=list)
 
 
@@ -120,12 +122,24 @@ async def load_model(source: str, *, backend: str = "webgpu", device=None, n_ctx
         model = GPUBackend(await GPULlama.load(device, gguf, counted_fetch, layers=layers, n_ctx=n_ctx))
     else:
         blobs = [(a, await counted_fetch(a, b)) for a, b in ranges]
-        model = NumpyBackend(NumpyLlama(cfg, weights_from_ranges(cfg, gguf, layers, blobs), n_ctx))
+        steps = iter_load_weights(cfg, gguf, layers, raw_reader(gguf, blobs))
+        while True:  # dequantize layer by layer, returning to the event loop in between
+            try:
+                next(steps)
+            except StopIteration as finished:
+                weights = finished.value
+                break
+            await asyncio.sleep(0)
+        model = NumpyBackend(NumpyLlama(cfg, weights, n_ctx))
     model_id = model_id_of(source)
-    engine = Engine(model, tokenizer, tokenizer.chat_template, model_id)
+    # numpy runs on the page's thread: prefill in small chunks so the page (and its
+    # signaling heartbeats) get the event loop back between them
+    engine = Engine(model, tokenizer, tokenizer.chat_template, model_id,
+                    prefill_chunk=NUMPY_PREFILL_CHUNK if backend == "numpy" else 512)
     warnings = [remote.cache_warning] if remote is not None and remote.cache_warning else []
     return LoadedModel(engine, model_id, backend, cfg, time.perf_counter() - t0, done,
-                       remote.cache_hits if remote is not None else 0, warnings)
+                       remote.cache_hits if remote is not None else 0,
+                       remote.fetched_bytes if remote is not None else 0, warnings)
 
 
 def generation_summary(prompt_tokens: list[int], tokens: list[int], text: str, stats: Any,

@@ -152,10 +152,12 @@ def tensors_needed(cfg: LlamaConfig, gguf: Any, layers: range) -> list[str]:
     return [name for name in gguf.tensors if name in wanted]
 
 
-def load_weights(cfg: LlamaConfig, gguf: Any, layers: range,
-                 raw_of: Callable[[str], bytes | bytearray | memoryview]) -> ModelWeights:
-    """Dequantize the tensors ``layers`` needs. ``raw_of(name)`` returns exactly that
-    tensor's raw bytes (``gguf.tensors[name].nbytes`` of them)."""
+def iter_load_weights(cfg: LlamaConfig, gguf: Any, layers: range,
+                      raw_of: Callable[[str], bytes | bytearray | memoryview]):
+    """Dequantize the tensors ``layers`` needs, one layer at a time: yields after each
+    layer (so a tab can return to its event loop) and returns the ModelWeights at the end
+    (``StopIteration.value``; `load_weights` wraps this for synchronous callers).
+    ``raw_of(name)`` returns exactly that tensor's raw bytes (``gguf.tensors[name].nbytes``)."""
     names = tensors_needed(cfg, gguf, layers)
 
     def get(name: str) -> np.ndarray:
@@ -167,6 +169,7 @@ def load_weights(cfg: LlamaConfig, gguf: Any, layers: range,
         fields.update({field: get(f"blk.{i}.{suffix}") for suffix, field in BIAS_TENSORS.items()
                        if f"blk.{i}.{suffix}" in names})
         blocks.append(LayerWeights(**fields))
+        yield i
     tok_embd = get("token_embd.weight") if "token_embd.weight" in names else None
     output_norm = output = None
     if layers.stop == cfg.n_layers:
@@ -178,11 +181,27 @@ def load_weights(cfg: LlamaConfig, gguf: Any, layers: range,
                         output_norm=output_norm, output=output)
 
 
+def load_weights(cfg: LlamaConfig, gguf: Any, layers: range,
+                 raw_of: Callable[[str], bytes | bytearray | memoryview]) -> ModelWeights:
+    """Dequantize the tensors ``layers`` needs (see iter_load_weights)."""
+    steps = iter_load_weights(cfg, gguf, layers, raw_of)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
 def weights_from_ranges(cfg: LlamaConfig, gguf: Any, layers: range,
                         blobs: Sequence[tuple[int, bytes | bytearray | memoryview]]) -> ModelWeights:
     """From fetched byte ranges: ``blobs`` holds ``(start, data)`` pairs, ``data`` being the
     file's bytes from absolute offset ``start`` on, e.g. one HTTP Range response per range
     of ``gguf.byte_ranges(tensors_needed(cfg, gguf, layers))``."""
+    return load_weights(cfg, gguf, layers, raw_reader(gguf, blobs))
+
+
+def raw_reader(gguf: Any, blobs: Sequence[tuple[int, bytes | bytearray | memoryview]]):
+    """``raw_of(name)`` over fetched ``(start, data)`` byte ranges (see weights_from_ranges)."""
     blobs = sorted(blobs, key=lambda b: b[0])
 
     def raw_of(name: str) -> memoryview:
@@ -194,7 +213,7 @@ def weights_from_ranges(cfg: LlamaConfig, gguf: Any, layers: range,
                         f"inside any of the {len(blobs)} byte ranges given; fetch "
                         f"gguf.byte_ranges(tensors_needed(...))")
 
-    return load_weights(cfg, gguf, layers, raw_of)
+    return raw_of
 
 
 def weights_from_path(path: str | os.PathLike, layers: range | None = None,

@@ -1,0 +1,535 @@
+"""llama.cpp's CPU arithmetic in numpy: the roundings that make its logits differ from an
+exact float32 forward pass, reproduced so that ``NumpyLlama(..., numerics="ggml")`` follows
+llama.cpp token for token.
+
+What ggml's CPU backend does (llama.cpp as bundled by llama-cpp-python 0.3.36, x86-64 built
+with -march=native: AVX2 / AVX-512 / AVX-VNNI; flash attention off, its default there; f16
+KV cache, the default):
+
+1. A matmul with a quantized weight first quantizes each activation row to the weight's
+   ``vec_dot_type`` (ggml-cpu/arch/x86/quants.c ``quantize_row_q8_0`` / ``quantize_row_q8_1``,
+   the AVX path, NOT ggml's scalar ``*_ref``), per block of 32 elements:
+       amax = max |x_j|                       (float32)
+       d    = amax / 127.0f                   (float32 division)
+       id   = amax != 0 ? 127.0f / amax : 0   (float32 division; the scalar reference uses 1/d)
+       q_j  = round_half_even(x_j * id)       (float32 product, _MM_ROUND_NEAREST; the
+                                               reference uses roundf, half away from zero)
+       block.d = f16(d)                       (round to nearest even)
+       block.s = f16(d * sum_j q_j)           (Q8_1 only; the float32 d, not f16(d))
+   Q4_0, Q8_0 weights take Q8_0 activations; Q4_1 takes Q8_1; F16 weights take the row
+   rounded to f16; F32 weights take it as is.
+2. The dot product of a weight row with a quantized activation row, per block b
+   (``ggml_vec_dot_q4_1_q8_1``, ``ggml_vec_dot_q8_0_q8_0``):
+       isum_b = sum_j qw_j * qx_j                               (exact integers)
+       Q8_0, Q4_0:  y = sum_b (f32(dw_b) * f32(dx_b)) * isum_b
+       Q4_1:        y = sum_b (f32(dw_b) * f32(dx_b)) * isum_b  +  sum_b mw_b * sx_b
+   with the weight scale times the activation scale rounded to float32 first, and then
+   float32 accumulation (8 lanes of 4 elements each, FMA, then a tree; for prefill of
+   n >= 2 rows Q8_0 goes through llamafile's tinyBLAS, same products, another order).
+   Here the isum are exact, the scale products are rounded as in C, and the sums are taken
+   in float64 and rounded once: the result is within a few float32 ulps of ggml's.
+3. The KV cache is f16: K (after RoPE) and V are rounded to f16 when stored.
+4. Attention without flash attention (llama-graph.cpp build_attn_mha): kq = mul_mat(k, q)
+   with k f16, so q is rounded to f16 (F16's vec_dot_type) and the products summed in
+   float32; then soft_max_ext: x * scale + mask, max, exp, the sum in double, times
+   f32(1 / sum); then kqv = mul_mat(v, kq) with v f16, so the probabilities are rounded to
+   f16 too.
+5. RoPE angles in float32 as ggml_rope_cache_init computes them: theta_scale =
+   powf(base, -2/n_rot); theta_0 = pos; theta_{i+1} = theta_i * theta_scale (float32,
+   iterated); cosf / sinf. rmsnorm: squares in float32, summed in double.
+
+Everything else (residual adds, SwiGLU, embedding lookup) is plain float32 in both.
+The remaining differences (summation order, ggml's vectorized expf / silu) are float32
+ulps; they reach the logits only where they move an 8-bit or f16 rounding.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from tabmesh.errors import UnsupportedQuantError
+from tabmesh.quants import GGMLType, format_for, type_name
+
+from .config import LlamaConfig
+from .weights import (BIAS_TENSORS, BLOCK_TENSORS, LayerWeights, ModelWeights, check_layers,
+                      tensors_needed)
+
+QK = 32  # elements per block of Q4_0, Q4_1, Q8_0, Q8_1
+VARIANTS = ("x86", "ref")  # x86: the AVX2/AVX-512 build of the fixtures; ref: ggml's scalar C
+
+
+def f16_round(x: np.ndarray) -> np.ndarray:
+    """float32 -> nearest f16 (ties to even, as F16C's vcvtps2ph) -> float32."""
+    return np.asarray(x, np.float32).astype(np.float16).astype(np.float32)
+
+
+# -- activation quantizers ---------------------------------------------------------------------
+
+@dataclass
+class Q8Rows:
+    """Activation rows quantized to Q8_0 or Q8_1, unpacked.
+
+    q (..., n_blocks, 32) int8; d (..., n_blocks) float32 holding the f16 block scale;
+    s (..., n_blocks) float32 holding the f16 d * sum(q) (Q8_1), or None (Q8_0)."""
+
+    q: np.ndarray
+    d: np.ndarray
+    s: np.ndarray | None = None
+
+    def to_bytes(self) -> np.ndarray:
+        """ggml's block layout, (..., n_blocks, 34) uint8 for block_q8_0 (d f16, qs[32])
+        or (..., n_blocks, 36) for block_q8_1 (d f16, s f16, qs[32]); little-endian."""
+        parts = [self.d.astype("<f2")[..., None].view(np.uint8)]
+        if self.s is not None:
+            parts.append(self.s.astype("<f2")[..., None].view(np.uint8))
+        parts.append(self.q.view(np.uint8))
+        return np.concatenate(parts, axis=-1)
+
+
+def _blocks(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    if x.shape[-1] % QK:
+        raise ValueError(f"rows of {x.shape[-1]} elements are not a whole number of blocks of {QK}")
+    return x.reshape(*x.shape[:-1], x.shape[-1] // QK, QK)
+
+
+def _quantize_q8(x: np.ndarray, variant: str, with_sum: bool) -> Q8Rows:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    xb = _blocks(x)  # (..., nb, 32)
+    amax = np.abs(xb).max(axis=-1)  # (..., nb)
+    d = amax / np.float32(127)
+    with np.errstate(divide="ignore"):
+        if variant == "x86":
+            inv = np.where(amax != 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+        else:
+            inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    v = xb * inv[..., None]  # float32 products
+    if variant == "x86":
+        r = np.rint(v)  # _mm256_round_ps(_MM_ROUND_NEAREST): ties to even
+    else:
+        tie = np.abs(v - np.trunc(v)) == np.float32(0.5)  # exact: v - trunc(v) is exact
+        r = np.where(tie, np.trunc(v) + np.sign(v), np.rint(v))  # roundf: ties away from zero
+    q = np.clip(r, -128, 127).astype(np.int8)  # packs saturate; |x * id| <= 127 anyway
+    s = None
+    if with_sum:
+        total = q.astype(np.int32).sum(axis=-1).astype(np.float32)  # exact (|sum| <= 4064)
+        s = f16_round(d * total)  # float32 d, not f16(d)
+    return Q8Rows(q=q, d=f16_round(d), s=s)
+
+
+def quantize_row_q8_0(x: np.ndarray, variant: str = "x86") -> Q8Rows:
+    """Rows (..., k) float32 -> Q8_0 blocks as ggml's ``quantize_row_q8_0`` makes them
+    (variant "x86": the AVX path the CPU backend runs on x86; "ref": quantize_row_q8_0_ref)."""
+    return _quantize_q8(x, variant, with_sum=False)
+
+
+def quantize_row_q8_1(x: np.ndarray, variant: str = "x86") -> Q8Rows:
+    """Rows (..., k) float32 -> Q8_1 blocks as ggml's ``quantize_row_q8_1`` makes them."""
+    return _quantize_q8(x, variant, with_sum=True)
+
+
+# -- weight matrices in their ggml type ------------------------------------------------------
+
+class QMatrix:
+    """A 2-D weight (n_out, n_in) kept in its GGUF type, multiplied as ggml's CPU backend
+    multiplies it (``matmul``). Supported: F32, F16, Q4_0, Q4_1, Q8_0.
+
+    Storage: F32 / F16: ``w`` (n_out, n_in) float32. Q4_0 / Q4_1 / Q8_0: ``q`` (n_blocks, 32,
+    n_out) float32 holding the integer quants (Q4_0: -8..7, Q4_1: 0..15, Q8_0: -128..127) in
+    block-element order, so that one BLAS call per block gives exact integer dot products;
+    ``d`` (n_blocks, n_out) and, for Q4_1, ``m`` (n_blocks, n_out): the f16 scale / minimum
+    as float32."""
+
+    SUPPORTED = (GGMLType.F32, GGMLType.F16, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0)
+    CHUNK_BYTES = 64 << 20  # bound on the (n_blocks, rows, n_out) temporaries of one call
+
+    def __init__(self, ggml_type: int, shape: tuple[int, int], *, w: np.ndarray | None = None,
+                 q: np.ndarray | None = None, d: np.ndarray | None = None,
+                 m: np.ndarray | None = None, name: str | None = None) -> None:
+        self.ggml_type = GGMLType(ggml_type)
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.w, self.q, self.d, self.m = w, q, d, m
+        self.name = name
+
+    @classmethod
+    def from_raw(cls, ggml_type: int, raw: bytes | bytearray | memoryview | np.ndarray,
+                 shape: tuple[int, int], name: str | None = None) -> "QMatrix":
+        """From a tensor's raw GGUF bytes; ``shape`` is the numpy shape (n_out, n_in)."""
+        n_out, n_in = shape
+        if ggml_type not in cls.SUPPORTED:
+            raise UnsupportedQuantError(
+                f"tensor {name!r} is {type_name(ggml_type)}: numerics='ggml' supports "
+                f"{', '.join(t.name for t in cls.SUPPORTED)} weights (K-quants would need "
+                f"ggml's Q8_K activations); use numerics='f32' for this model")
+        if ggml_type in (GGMLType.F32, GGMLType.F16):
+            w = format_for(ggml_type, name).dequantize(raw, n_out * n_in, name).reshape(shape)
+            return cls(ggml_type, shape, w=w, name=name)
+        fmt = format_for(ggml_type, name)
+        data = (np.ascontiguousarray(raw).reshape(-1).view(np.uint8) if isinstance(raw, np.ndarray)
+                else np.frombuffer(raw, np.uint8))
+        nb = n_in // QK
+        if n_in % QK or data.size != n_out * nb * fmt.type_size:
+            raise UnsupportedQuantError(f"tensor {name!r}: {data.size} bytes is not a "
+                                        f"{type_name(ggml_type)} matrix of shape {shape}")
+        blocks = data.reshape(n_out, nb, fmt.type_size)
+
+        def f16(lo: int) -> np.ndarray:  # (n_out, nb) -> (nb, n_out)
+            return np.ascontiguousarray(blocks[:, :, lo:lo + 2]).view("<f2")[..., 0].astype(np.float32).T.copy()
+
+        def nibbles(qs: np.ndarray) -> np.ndarray:  # (n_out, nb, 16) -> (n_out, nb, 32)
+            return np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=-1)
+
+        m = None
+        if ggml_type == GGMLType.Q8_0:
+            q = blocks[:, :, 2:34].view(np.int8)
+        elif ggml_type == GGMLType.Q4_0:
+            q = nibbles(blocks[:, :, 2:18]).astype(np.int8) - np.int8(8)
+        else:  # Q4_1
+            q = nibbles(blocks[:, :, 4:20])
+            m = f16(2)
+        qt = np.ascontiguousarray(q.astype(np.float32).transpose(1, 2, 0))  # (nb, 32, n_out)
+        return cls(ggml_type, shape, q=qt, d=f16(0), m=m, name=name)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.w, self.q, self.d, self.m) if a is not None)
+
+    @property
+    def vec_dot_type(self) -> str:
+        return {GGMLType.F32: "F32", GGMLType.F16: "F16", GGMLType.Q4_0: "Q8_0",
+                GGMLType.Q4_1: "Q8_1", GGMLType.Q8_0: "Q8_0"}[self.ggml_type]
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 weights (n_out, n_in), as ggml's dequantize_row_* gives them."""
+        if self.w is not None:
+            return self.w
+        w = self.d[:, None, :] * self.q  # (nb, 32, n_out)
+        if self.m is not None:
+            w = w + self.m[:, None, :]
+        return np.ascontiguousarray(w.transpose(2, 0, 1).reshape(self.shape))
+
+    def matmul(self, x: np.ndarray, variant: str = "x86") -> np.ndarray:
+        """x (T, n_in) float32 -> (T, n_out) float32: ``x @ W.T`` as ggml computes it.
+
+        Q8_0 / Q4_1 weights: bit-exact with ggml_vec_dot_q8_0_q8_0 / ggml_vec_dot_q4_1_q8_1
+        (AVX2 / AVX-512-VNNI; decode) and llamafile's tinyBLAS_Q0_AVX (Q8_0 prefill, the same
+        arithmetic): per block b and lane l (block elements 4l .. 4l+3) the integer sum
+        isum[b, l]; acc[l] = fma(f32(dw_b * dx_b), isum[b, l], acc[l]) over b in order; then
+        ((acc0 + acc4) + (acc2 + acc6)) + ((acc1 + acc5) + (acc3 + acc7)); Q4_1 adds
+        summs = sum over b in order of mw_b * sx_b (float32, exact products) at the end.
+        Q4_0 (repacked 8x8 kernels in ggml on AVX2), F16 and F32 weights: ggml's roundings of
+        the inputs, but BLAS summation order."""
+        x = np.asarray(x, np.float32)
+        if x.ndim != 2 or x.shape[1] != self.shape[1]:
+            raise ValueError(f"{self.name or 'matrix'} {self.shape} cannot take input of shape {x.shape}")
+        if self.ggml_type == GGMLType.F32:
+            return x @ self.w.T
+        if self.ggml_type == GGMLType.F16:
+            return f16_round(x) @ self.w.T  # products of two f16 are exact in float32
+        act = (quantize_row_q8_1 if self.ggml_type == GGMLType.Q4_1 else quantize_row_q8_0)(x, variant)
+        n_tok, (nb, _, n_out) = x.shape[0], self.q.shape
+        out = np.empty((n_tok, n_out), np.float32)
+        w_lanes = self.q.reshape(nb * 8, 4, n_out)  # lane (b, l) = block elements 4l .. 4l+3
+        step = max(1, self.CHUNK_BYTES // (nb * 8 * n_out * 4))
+        for t0 in range(0, n_tok, step):
+            t1 = min(n_tok, t0 + step)
+            t = t1 - t0
+            qx = act.q[t0:t1].reshape(t, nb * 8, 4).transpose(1, 0, 2).astype(np.float32)
+            isum = np.matmul(qx, w_lanes)  # (nb * 8, t, n_out): |isum| < 2^17, exact
+            dd = act.d[t0:t1].T[:, :, None] * self.d[:, None, :]  # (nb, t, n_out) f32, as ggml
+            acc = np.zeros((8, t, n_out), np.float32)
+            tmp = np.empty((8, t, n_out), np.float64)
+            for b in range(nb):  # fma(dd, isum, acc): the product is exact in float64
+                np.multiply(isum[8 * b:8 * b + 8], dd[b], out=tmp, dtype=np.float64)
+                tmp += acc
+                np.copyto(acc, tmp, casting="same_kind")
+            y = halving_sum(acc.transpose(1, 2, 0))  # hsum_float_8
+            if self.ggml_type == GGMLType.Q4_1:
+                summs = np.zeros((t, n_out), np.float32)
+                for b in range(nb):  # m * s of two f16 values is exact in float32
+                    summs += self.m[b] * act.s[t0:t1, b, None]
+                y = y + summs
+            out[t0:t1] = y
+        return out
+
+
+def matmul(x: np.ndarray, w: QMatrix | np.ndarray) -> np.ndarray:
+    """ggml's mul_mat(w, x) for a QMatrix; a plain float32 array is an F32 weight."""
+    if isinstance(w, QMatrix):
+        return w.matmul(x)
+    return x @ w.T
+
+
+# -- float32 building blocks of ggml's SIMD code -----------------------------------------------
+
+def fma(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """float32 fused multiply-add, round(a * b + c) once: the product of two float32 is exact
+    in float64 and the sum is rounded twice (float64, float32), which differs from one
+    rounding only when the float64 sum lands exactly halfway between two float32 (~2^-29)."""
+    return (np.asarray(a, np.float64) * np.asarray(b, np.float64) + np.asarray(c, np.float64)).astype(np.float32)
+
+
+def halving_sum(x: np.ndarray) -> np.ndarray:
+    """Sum over the last axis (a power of two) by halving: x[i] + x[i + n/2] until one is
+    left, in float32. This is _mm512_reduce_add_ps (16 lanes, GCC's implementation), ggml's
+    hsum_float_8 and tinyBLAS's hsum (8 lanes), and GGML_F32x16_REDUCE over 4 x 16 lanes."""
+    n = x.shape[-1]
+    if n & (n - 1):
+        raise ValueError(f"halving_sum needs a power-of-two length, got {n}")
+    x = np.asarray(x, np.float32)
+    while n > 1:
+        n //= 2
+        x = x[..., :n] + x[..., n:]
+    return x[..., 0]
+
+
+def lane_dot(a: np.ndarray, b: np.ndarray, lanes: int) -> np.ndarray:
+    """sum(a * b, axis=-1) of f16 values (held in float32; products exact) as ggml's f16 dot
+    products compute it: element i goes to lane i % lanes, each lane accumulates its elements
+    in order in float32, then halving_sum over the lanes. lanes=16: llamafile's tinyBLAS f16
+    (prefill); lanes=64: ggml_vec_dot_f16 on AVX-512 (decode: 4 accumulators of 16 lanes,
+    x0+x2, x1+x3, x0+x1, then _mm512_reduce_add_ps). Zero padding (ggml's unused KV cells)
+    changes nothing."""
+    n = max(a.shape[-1], b.shape[-1])
+    steps = -(-n // lanes)
+    acc = None
+    for s in range(steps):
+        lo, hi = s * lanes, min(n, (s + 1) * lanes)
+        p = a[..., lo:hi] * b[..., lo:hi]
+        if hi - lo < lanes:
+            p = np.concatenate([p, np.zeros(p.shape[:-1] + (lanes - (hi - lo),), np.float32)], axis=-1)
+        acc = p if acc is None else acc + p
+    return halving_sum(acc)
+
+
+_EXP = {k: np.float32(float.fromhex(v)) for k, v in dict(
+    log2e="0x1.715476p+0", r="0x1.8p23", ln2_hi="0x1.62e4p-1", ln2_lo="0x1.7f7d1cp-20",
+    c0="0x1.0e4020p-7", c1="0x1.573e2ep-5", c2="0x1.555e66p-3", c3="0x1.fffdb6p-2",
+    c4="0x1.ffffecp-1").items()}
+
+
+def v_expf(x: np.ndarray) -> np.ndarray:
+    """ggml_v_expf, the AVX-512 version (ggml-cpu/vec.h), float32 op for op: 2^n * p(b)
+    with n = round(x / ln2) via the 1.5 * 2^23 trick, b = x - n ln2 (two fnmadd), a degree-5
+    polynomial in FMAs, _mm512_scalef_ps; 0 or inf where |n| > 192 (also for -inf)."""
+    c = _EXP
+    x = np.asarray(x, np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        z = fma(x, c["log2e"], c["r"])
+        n = z - c["r"]
+        b = fma(-n, c["ln2_lo"], fma(-n, c["ln2_hi"], x))
+        u = b * b
+        j = fma(fma(fma(c["c0"], b, c["c1"]), u, fma(c["c2"], b, c["c3"])), u,
+                fma(c["c4"], b, np.float32(1)))
+        big = ~(np.abs(n) <= np.float32(192))  # NaN (from -inf) counts as big, as _CMP_GT_OQ on |n|... 
+        ni = np.where(big, 0, n).astype(np.int32)
+        res = np.ldexp(j, ni).astype(np.float32)
+        alt = np.where(n <= 0, np.float32(0), np.float32(np.inf))
+        return np.where(big, alt, res).astype(np.float32)
+
+
+def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """ggml_vec_swiglu_f32 (AVX-512): silu(g) * u with silu(g) = g / (1 + v_expf(-g))."""
+    gate = np.asarray(gate, np.float32)
+    return (gate / (np.float32(1) + v_expf(-gate))) * up
+
+
+def softmax(s: np.ndarray) -> np.ndarray:
+    """ggml_vec_soft_max_f32 + the scaling in ggml_compute_forward_soft_max_f32, over the
+    last axis of s (already scaled and masked): e = v_expf(s - max); the sum taken per 16
+    elements with _mm512_reduce_add_ps, those partial sums added in double in order;
+    e * (float)(1.0 / sum)."""
+    s = np.asarray(s, np.float32)
+    e = v_expf(s - s.max(axis=-1, keepdims=True))
+    n = e.shape[-1]
+    pad = -n % 16
+    ep = np.concatenate([e, np.zeros(e.shape[:-1] + (pad,), np.float32)], axis=-1) if pad else e
+    chunks = halving_sum(ep.reshape(*ep.shape[:-1], -1, 16)).astype(np.float64)  # (..., n/16)
+    total = np.cumsum(chunks, axis=-1)[..., -1:]  # in order, in double
+    return e * (1.0 / total).astype(np.float32)
+
+
+# -- the other ops ------------------------------------------------------------------------
+
+def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """ggml_rms_norm (+ ggml_mul): float32 squares summed in order in double, the mean
+    rounded to float32, scale = 1 / sqrtf(mean + eps), y = (x * scale) * w."""
+    sum_sq = np.cumsum(np.square(x).astype(np.float64), axis=-1)[..., -1:]
+    mean = (sum_sq / x.shape[-1]).astype(np.float32)
+    scale = np.float32(1.0) / np.sqrt(mean + np.float32(eps))
+    return (x * scale) * weight
+
+
+def _libm():
+    """The C library's powf and sincosf, which ggml_rope_cache_init calls, when ctypes can
+    find them (glibc's sincosf is not correctly rounded: it differs from the nearest float
+    for ~2% of RoPE angles); else None."""
+    global _LIBM
+    if _LIBM is None:
+        _LIBM = False
+        try:
+            import ctypes
+            import ctypes.util
+
+            lib = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+            lib.powf.argtypes, lib.powf.restype = [ctypes.c_float, ctypes.c_float], ctypes.c_float
+            lib.sincosf.argtypes = [ctypes.c_float, ctypes.POINTER(ctypes.c_float),
+                                    ctypes.POINTER(ctypes.c_float)]
+            lib.sincosf.restype = None
+            _LIBM = lib
+        except (OSError, AttributeError, TypeError):
+            _LIBM = False
+    return _LIBM or None
+
+
+_LIBM: Any = None
+_ROPE_CACHE: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _sincos(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    lib = _libm()
+    if lib is None:
+        t = theta.astype(np.float64)
+        return np.cos(t).astype(np.float32), np.sin(t).astype(np.float32)
+    import ctypes
+
+    s, c = ctypes.c_float(), ctypes.c_float()
+    cos, sin = np.empty(theta.shape, np.float32), np.empty(theta.shape, np.float32)
+    for i, v in enumerate(theta.ravel().tolist()):
+        lib.sincosf(v, ctypes.byref(s), ctypes.byref(c))
+        cos.flat[i], sin.flat[i] = c.value, s.value
+    return cos, sin
+
+
+def rope_tables(cfg: LlamaConfig, start_pos: int, n_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin (n_tokens, 1, n_rot/2) as ggml_rope_cache_init computes them (no YaRN):
+    theta_scale = powf(base, -2.0f / n_rot); theta_0 = pos, theta_{i+1} = theta_i *
+    theta_scale in float32; theta *= freq_scale; sincosf(theta)."""
+    half = cfg.n_rot // 2
+    key = (float(cfg.rope_base), cfg.n_rot, float(cfg.rope_freq_scale))
+    cos, sin = _ROPE_CACHE.get(key, (np.zeros((0, half), np.float32),) * 2)
+    end = start_pos + n_tokens
+    if cos.shape[0] < end:
+        n = max(end, 2 * cos.shape[0], 64)
+        expo = np.float32(-2.0) / np.float32(cfg.n_rot)
+        lib = _libm()
+        theta_scale = (np.float32(lib.powf(cfg.rope_base, expo)) if lib is not None else
+                       np.float32(np.float64(np.float32(cfg.rope_base)) ** np.float64(expo)))
+        theta = np.empty((n, half), np.float32)
+        theta[:, 0] = np.arange(n, dtype=np.float32)
+        for i in range(1, half):
+            theta[:, i] = theta[:, i - 1] * theta_scale
+        cos, sin = _sincos(np.float32(cfg.rope_freq_scale) * theta)
+        _ROPE_CACHE[key] = (cos, sin)
+    return cos[start_pos:end, None, :], sin[start_pos:end, None, :]
+
+
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, neox: bool) -> np.ndarray:
+    """ggml's rotate_pairs as compiled (GCC contracts it into FMAs):
+    a' = fma(a, cos, -(b * sin)), b' = fma(a, sin, b * cos); x (T, n_heads, head_dim)."""
+    half = cos.shape[-1]
+    x = np.array(x, np.float32)
+    if neox:
+        ia, ib = slice(0, half), slice(half, 2 * half)
+    else:
+        ia, ib = slice(0, 2 * half, 2), slice(1, 2 * half, 2)
+    a, b = x[..., ia].copy(), x[..., ib].copy()
+    x[..., ia] = fma(a, cos, -(b * sin))
+    x[..., ib] = fma(a, sin, b * cos)
+    return x
+
+
+def kv_cells(n_keys: int) -> int:
+    """How many KV cells ggml's attention reads: used cells padded to 256 (zeros beyond)."""
+    return -(-n_keys // 256) * 256
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
+              max_elems: int = 1 << 24) -> np.ndarray:
+    """Causal GQA as llama.cpp computes it without flash attention, on an f16 KV cache.
+
+    q (T, n_head, hd) float32; k, v (n_keys, n_kv, hd) float32 holding f16 values
+    -> (T, n_head, hd). kq = mul_mat(k, f16(q)) and kqv = mul_mat(v, f16(softmax)), the f16
+    dot products in ggml's lane order: tinyBLAS (16 lanes) when T >= 2, ggml_vec_dot_f16
+    (64 lanes) when T == 1; softmax as ``softmax``."""
+    n_tokens, n_head, hd = q.shape
+    n_keys, n_kv, _ = k.shape
+    group = n_head // n_kv
+    lanes = 64 if n_tokens == 1 else 16
+    q16 = f16_round(q)
+    qg = q16.reshape(n_tokens, n_kv, group, hd).transpose(1, 2, 0, 3).reshape(n_kv, group * n_tokens, hd)
+    kk = k.transpose(1, 0, 2)  # (n_kv, n_keys, hd)
+    vt = v.transpose(1, 2, 0)  # (n_kv, hd, n_keys)
+    rows = group * n_tokens
+    step = max(1, max_elems // (n_kv * max(n_keys, hd) * max(n_keys, hd)))
+    future = np.arange(n_keys)[None, :] > np.arange(start_pos, start_pos + n_tokens)[:, None]  # (T, n_keys)
+    future = np.broadcast_to(future[None], (group, n_tokens, n_keys)).reshape(rows, n_keys)
+    out = np.empty((n_kv, rows, hd), np.float32)
+    scale = np.float32(1.0 / np.sqrt(hd))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        kq = lane_dot(qg[:, r0:r1, None, :], kk[:, None, :, :], lanes)  # (n_kv, r, n_keys)
+        kq *= scale
+        kq[:, future[r0:r1]] = -np.inf
+        p16 = f16_round(softmax(kq))
+        out[:, r0:r1] = lane_dot(p16[:, :, None, :], vt[:, None, :, :], lanes)  # (n_kv, r, hd)
+    return out.reshape(n_kv, group, n_tokens, hd).transpose(2, 0, 1, 3).reshape(n_tokens, n_head, hd)
+
+
+# -- loading ------------------------------------------------------------------------------
+
+def load_ggml_weights(cfg: LlamaConfig, gguf: Any, layers: range,
+                      raw_of: Callable[[str], bytes | bytearray | memoryview]) -> ModelWeights:
+    """Like ``weights.load_weights``, but the 2-D matrices stay in their GGUF type as
+    QMatrix (norms and biases float32; ``tok_embd`` float32 for the embedding lookup, and
+    again as a QMatrix ``output`` when the output is tied)."""
+    check_layers(cfg, layers)
+    names = tensors_needed(cfg, gguf, layers)
+
+    def mat(name: str) -> QMatrix:
+        info = gguf.tensors[name]
+        return QMatrix.from_raw(info.ggml_type, raw_of(name), info.np_shape, name)
+
+    def vec(name: str) -> np.ndarray:
+        return gguf.tensor_array(name, raw_of(name))
+
+    blocks = []
+    for i in layers:
+        fields: dict[str, Any] = {}
+        for suffix, field in BLOCK_TENSORS.items():
+            name = f"blk.{i}.{suffix}"
+            fields[field] = vec(name) if suffix.endswith("norm.weight") else mat(name)
+        fields.update({field: vec(f"blk.{i}.{suffix}") for suffix, field in BIAS_TENSORS.items()
+                       if f"blk.{i}.{suffix}" in names})
+        blocks.append(LayerWeights(**fields))
+    is_first, is_last = layers.start == 0, layers.stop == cfg.n_layers
+    tok_embd = vec("token_embd.weight") if is_first else None
+    output_norm = output = None
+    if is_last:
+        output_norm = vec("output_norm.weight")
+        output = mat("token_embd.weight" if cfg.tied_output else "output.weight")
+    return ModelWeights(layers=layers, blocks=blocks, tok_embd=tok_embd,
+                        output_norm=output_norm, output=output)
+
+
+def ggml_weights_from_path(path: str | os.PathLike, layers: range | None = None,
+                           gguf: Any = None) -> tuple[LlamaConfig, Any, ModelWeights]:
+    """Parse a local GGUF and load ``layers`` (default: all) for numerics='ggml'."""
+    from tabmesh.gguf import read_gguf_path
+
+    if gguf is None:
+        gguf = read_gguf_path(path)
+    cfg = LlamaConfig.from_gguf(gguf)
+    layers = range(cfg.n_layers) if layers is None else layers
+    with open(path, "rb") as f:
+        def raw_of(name: str) -> bytes:
+            info = gguf.tensors[name]
+            f.seek(info.offset)
+            return f.read(info.nbytes)
+
+        return cfg, gguf, load_ggml_weights(cfg, gguf, layers, raw_of)
