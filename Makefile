@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps serve test test-native test-browser bench clean-vendor
+.PHONY: setup system-deps serve test test-native test-browser bench bench-deps clean-vendor
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,7 +33,14 @@ test-native: setup
 test-browser: setup
 	$(BIN)/python -m pytest tests/browser $(PYTEST_ARGS)
 
-bench: setup
+# The references the benchmark compares against: llama.cpp via llama-cpp-python (compiled
+# here, 10-15 minutes once; AMX off because this CPU reports AMX the VM cannot run).
+bench-deps: $(STAMP)
+	@$(BIN)/python -c "import llama_cpp" 2>/dev/null || { echo "building llama-cpp-python (once, 10-15 min)…"; \
+	  CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" \
+	  CXXFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" $(BIN)/python -m pip install -q llama-cpp-python==0.3.36; }
+
+bench: setup bench-deps
 	$(BIN)/tabmesh bench $(ARGS)
 
 clean-vendor:

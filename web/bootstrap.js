@@ -79,6 +79,7 @@ window.tabmesh = {
   llm: {
     load: (opts) => call("llmLoad", opts || {}),
     generate: (opts) => call("llmGenerate", opts),
+    benchmark: (opts) => call("llmBenchmark", opts),
     info: () => callSync("llmInfo", null),
   },
   debug: { sendRawFrame: (peerId, bytes) => call("sendRawFrame", peerId, bytes) },

@@ -1,7 +1,11 @@
-"""`tabmesh bench` (host side): measure the mesh in real headless Chromium, with references.
+"""`tabmesh bench` (host side): measure in real headless Chromium, with references.
 
 Every row puts our figure beside a reference measured in the same run on the same machine,
 and their ratio. Sections:
+  llm    prefill tok/s (512-token prompt) and decode tok/s (128 greedy tokens) of SmolLM2
+         Q4_1: our WebGPU engine in headless Chromium, our numpy backend (in the tab, and
+         natively), against llama.cpp (llama-cpp-python, same GGUF, same thread count);
+         plus the Python recording cost per decoded token on WebGPU.
   mesh   data-channel ping round trip (our frames, through Python in both tabs) against a
          WebSocket ping/pong through the signaling server (what a server-relayed design pays
          per hop); 4 MiB echo over the data channel against the same bytes fetched over HTTP
@@ -11,6 +15,7 @@ Progress goes to stderr; the table to stdout (and --json prints the rows as JSON
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import secrets
 import statistics
@@ -139,14 +144,114 @@ def bench_mesh(server: ServerThread, pings: int) -> list[dict]:
     return rows
 
 
+BENCH_TEXT = (
+    "The history of the printing press begins in the middle of the fifteenth century, when Johannes "
+    "Gutenberg, a goldsmith from Mainz, combined a screw press with movable metal type, oil-based ink "
+    "and a mould for casting letters quickly and accurately. Within fifty years presses were at work in "
+    "more than two hundred European cities, and millions of books had been printed. ")
+
+LLAMA_CPP_SCRIPT = r"""
+import json, sys, time
+import numpy as np
+from llama_cpp import Llama
+path, n_threads, n_decode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+tokens = json.loads(sys.stdin.read())
+llm = Llama(model_path=path, n_ctx=len(tokens) + n_decode + 8, n_batch=len(tokens), n_threads=n_threads,
+            n_threads_batch=n_threads, verbose=False)
+n_vocab = llm.n_vocab()
+last = lambda: int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))
+llm.eval(tokens[:8]); llm.reset()  # warm-up
+t0 = time.perf_counter(); llm.eval(tokens); prefill = time.perf_counter() - t0
+tok = last()
+t1 = time.perf_counter()
+for _ in range(n_decode):
+    llm.eval([tok]); tok = last()
+decode = time.perf_counter() - t1
+print(json.dumps({"prefill_tok_s": len(tokens) / prefill, "decode_tok_s": n_decode / decode}))
+"""
+
+
+def bench_tokens(model_path: Path, n: int) -> list[int]:
+    from .gguf import read_gguf_path
+    from .tokenizer import Tokenizer
+    tok = Tokenizer.from_gguf_metadata(read_gguf_path(model_path).metadata)
+    ids = tok.encode(BENCH_TEXT, add_special=False)
+    return (ids * (n // len(ids) + 1))[:n]
+
+
+def llama_cpp_python() -> str | None:
+    """A Python that can import llama_cpp: this one, or $TABMESH_LLAMA_CPP_PYTHON."""
+    import os
+    import subprocess
+    for exe in (sys.executable, os.environ.get("TABMESH_LLAMA_CPP_PYTHON")):
+        if exe and subprocess.run([exe, "-c", "import llama_cpp"], capture_output=True).returncode == 0:
+            return exe
+    return None
+
+
+def bench_llm(root: Path, prompt_len: int, n_decode: int, threads: int, webgpu_decode: int) -> list[dict]:
+    import os
+    import subprocess
+    model = root / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tokens = bench_tokens(model, prompt_len)
+    figures: dict[str, dict] = {}
+    exe = llama_cpp_python()
+    if exe is None:
+        _progress("llama-cpp-python not found: `make bench` installs it; the llama.cpp column stays empty")
+    else:
+        _progress(f"llama.cpp: {prompt_len}-token prefill, {n_decode} decode steps, {threads} threads…")
+        out = subprocess.run([exe, "-c", LLAMA_CPP_SCRIPT, str(model), str(threads), str(n_decode)],
+                             input=json.dumps(tokens), capture_output=True, text=True, timeout=900)
+        if out.returncode != 0:
+            raise RuntimeError(f"llama.cpp benchmark failed:\n{out.stderr[-2000:]}")
+        figures["llama.cpp"] = json.loads(out.stdout.strip().splitlines()[-1])
+
+    _progress("numpy backend, natively…")
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", str(threads))
+    from .model.llama_numpy import NumpyLlama
+    from .model.loader import NumpyBackend
+    from .llm_page import run_model_benchmark
+    backend = NumpyBackend(NumpyLlama.from_path(model, n_ctx=prompt_len + n_decode + 8))
+    figures["numpy (native CPython)"] = asyncio.run(run_model_benchmark(backend, tokens, n_decode))
+
+    from .headless import HeadlessTab
+    with HeadlessTab(root, progress=_progress) as tab:
+        tab.page.set_default_timeout(3_600_000)
+        if tab.info.get("gpu"):
+            _progress(f"WebGPU in headless Chromium ({tab.info['gpu']['architecture']}): "
+                      f"{prompt_len}-token prefill, {webgpu_decode} decode steps…")
+            figures["webgpu (tab)"] = tab.page.evaluate(
+                "(o) => tabmesh.llm.benchmark(o)", {"tokens": tokens, "decode": webgpu_decode, "backend": "webgpu"})
+        _progress("numpy backend in the tab (Pyodide)…")
+        figures["numpy (tab, Pyodide)"] = tab.page.evaluate(
+            "(o) => tabmesh.llm.benchmark(o)", {"tokens": tokens, "decode": min(n_decode, 16), "backend": "numpy"})
+
+    rows = []
+    ref = figures.get("llama.cpp")
+    for name, fig in figures.items():
+        if name == "llama.cpp":
+            continue
+        for key, label in (("prefill_tok_s", f"prefill tok/s ({prompt_len}-token prompt)"),
+                           ("decode_tok_s", f"decode tok/s ({fig.get('decode_tokens', n_decode)} tokens)")):
+            row = {"section": "llm", "figure": f"{name}: {label}", "ours": fig[key]}
+            if ref:
+                row.update(reference=ref[key], reference_name=f"llama.cpp, {threads} threads",
+                           ratio=fig[key] / ref[key])
+            rows.append(row)
+        if "record_ms_per_token_p50" in fig:
+            rows.append({"section": "llm", "figure": f"{name}: Python recording ms/token (p50)",
+                         "ours": fig["record_ms_per_token_p50"]})
+    return rows
+
+
 def format_table(rows: list[dict]) -> str:
-    head = f"{'section':8} {'figure':42} {'tabmesh':>10} {'reference':>10} {'ratio':>7}  reference is"
+    head = f"{'section':8} {'figure':58} {'tabmesh':>10} {'reference':>10} {'ratio':>7}  reference is"
     lines = [head, "-" * len(head)]
     for r in rows:
         ref = r.get("reference")
         ref_s = "" if ref is None else f"{ref:10.3f}"
         ratio_s = "" if ref is None else f"{r['ratio']:7.2f}"
-        lines.append(f"{r['section']:8} {r['figure']:42} {r['ours']:10.3f} {ref_s:>10} {ratio_s:>7}  "
+        lines.append(f"{r['section']:8} {r['figure']:58} {r['ours']:10.3f} {ref_s:>10} {ratio_s:>7}  "
                      f"{r.get('reference_name', '')}")
     return "\n".join(lines)
 
@@ -154,15 +259,26 @@ def format_table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None, root: Path | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tabmesh bench")
     parser.add_argument("--pings", type=int, default=200)
+    parser.add_argument("--sections", default="llm,mesh", help="comma-separated: llm, mesh")
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--webgpu-decode-tokens", type=int, default=128,
+                        help="decode steps for WebGPU (software WebGPU is slow; lower it for a quick run)")
+    parser.add_argument("--threads", type=int, default=2, help="llama.cpp and BLAS threads")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if root is None:
         from .cli import repo_root
         root = repo_root()
-    server = ServerThread(root)
-    try:
-        rows = bench_mesh(server, args.pings)
-    finally:
-        server.stop()
+    sections = {x.strip() for x in args.sections.split(",") if x.strip()}
+    rows = []
+    if "llm" in sections:
+        rows += bench_llm(root, args.prompt_tokens, args.decode_tokens, args.threads, args.webgpu_decode_tokens)
+    if "mesh" in sections:
+        server = ServerThread(root)
+        try:
+            rows += bench_mesh(server, args.pings)
+        finally:
+            server.stop()
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
     return 0

@@ -123,6 +123,16 @@ class LLMService:
             for m in served if m["name"] not in have]}
 
     # ---- raw generation (the CLI and benchmarks) -------------------------------------------
+    async def benchmark(self, opts: dict) -> dict:
+        """{tokens: [...], decode: N, model?, backend?} → prefill/decode figures."""
+        await self.load(opts.get("model"), opts.get("backend"))
+        self.loaded.engine.reset()
+        result = await run_model_benchmark(self.loaded.engine.model, [int(t) for t in opts["tokens"]],
+                                           int(opts.get("decode", 128)))
+        self.loaded.engine.reset()
+        result.update(backend=self.loaded.backend, model=self.loaded.model_id)
+        return result
+
     async def generate(self, opts: dict) -> dict:
         """{prompt, chat?, model?, backend?, max_tokens?, temperature?, seed?} → summary dict."""
         await self.load(opts.get("model"), opts.get("backend"))
@@ -149,6 +159,29 @@ class LLMService:
         timings = getattr(engine.model, "last_timings", {}) or {}
         summary["timings"]["last_forward"] = {k: v for k, v in timings.items() if isinstance(v, (int, float))}
         return summary
+
+
+async def run_model_benchmark(model, prompt_tokens: list[int], n_decode: int) -> dict:
+    """Prefill `prompt_tokens` in one forward, then `n_decode` greedy steps, straight on the
+    model (no sampler, no stop): the figures `make bench` compares with llama.cpp."""
+    t0 = time.perf_counter()
+    tok = await model.forward(prompt_tokens, 0, output="argmax")
+    prefill_s = time.perf_counter() - t0
+    record = []
+    t1 = time.perf_counter()
+    for i in range(n_decode):
+        tok = await model.forward([tok], len(prompt_tokens) + i, output="argmax")
+        timings = getattr(model, "last_timings", None) or {}
+        if "record_s" in timings:
+            record.append(timings["record_s"])
+    decode_s = time.perf_counter() - t1
+    out = {"prompt_tokens": len(prompt_tokens), "decode_tokens": n_decode,
+           "prefill_s": prefill_s, "prefill_tok_s": len(prompt_tokens) / prefill_s,
+           "decode_s": decode_s, "decode_tok_s": n_decode / decode_s}
+    if record:
+        record.sort()
+        out["record_ms_per_token_p50"] = 1000 * record[len(record) // 2]
+    return out
 
 
 class ChatPanel:

@@ -227,11 +227,15 @@ class Page:
         async def llm_generate(opts):
             return await llm.generate(as_dict(opts))
 
+        async def llm_benchmark(opts):
+            return await llm.benchmark(as_dict(opts))
+
         async def models_list():
             return await llm.models_list()
 
         for name, fn in (("chatCreate", chat_create), ("chatOpen", chat_open), ("chatNext", chat_next),
                          ("chatClose", chat_close), ("llmLoad", llm_load), ("llmGenerate", llm_generate),
+                         ("llmBenchmark", llm_benchmark),
                          ("modelsList", models_list)):
             self._async_handler(name, fn)
         self._sync_handler("llmInfo", llm.info)

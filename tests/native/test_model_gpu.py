@@ -32,8 +32,6 @@ from tabmesh.model.config import ContextLengthError
 from tabmesh.model.llama_gpu import GPULlama, file_fetcher, plan_requests
 from tabmesh.model.llama_numpy import NumpyLlama
 
-gguf_py = pytest.importorskip("gguf", reason="the tiny Qwen2 file is written with llama.cpp's gguf-py")
-
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FIXTURE = REPO_ROOT / "tests" / "fixtures" / "model_q4_1.json"
@@ -172,13 +170,13 @@ def test_plan_requests_are_few_bounded_and_cover_the_tensors(smol_path):
 # --- a tiny Qwen2 written here: biases, neox RoPE, mixed quant types, K-quants ------------
 
 TINY = dict(n_layers=2, n_embd=256, n_head=4, n_head_kv=2, head_dim=64, n_ff=256, n_vocab=96, n_rot=32)
-Q = gguf_py.GGMLQuantizationType
-TINY_TYPES = {"attn_q.weight": Q.Q4_K, "attn_k.weight": Q.Q8_0, "attn_v.weight": Q.Q6_K,
-              "attn_output.weight": Q.Q4_0, "ffn_gate.weight": Q.Q4_1, "ffn_up.weight": Q.Q8_0,
-              "ffn_down.weight": Q.Q4_K}
+TINY_TYPES = {"attn_q.weight": ref.Q4_K, "attn_k.weight": ref.Q8_0, "attn_v.weight": ref.Q6_K,
+              "attn_output.weight": ref.Q4_0, "ffn_gate.weight": ref.Q4_1, "ffn_up.weight": ref.Q8_0,
+              "ffn_down.weight": ref.Q4_K}
 
 
 def write_tiny_qwen2(path: Path) -> None:
+    gguf_py = pytest.importorskip("gguf", reason="the tiny Qwen2 file is written with llama.cpp's gguf-py")
     t = TINY
     d, f, v, hd = t["n_embd"], t["n_ff"], t["n_vocab"], t["head_dim"]
     q_dim, kv_dim = t["n_head"] * hd, t["n_head_kv"] * hd
@@ -195,12 +193,13 @@ def write_tiny_qwen2(path: Path) -> None:
     w.add_rope_dimension_count(t["n_rot"])
 
     def quant(name, qtype, rows, k, scale):
-        raw = ref.random_weights(rng, int(qtype), rows, k, scale=scale)
-        w.add_tensor(name, np.frombuffer(raw, np.uint8).reshape(rows, -1), raw_dtype=qtype)
+        raw = ref.random_weights(rng, qtype, rows, k, scale=scale)
+        w.add_tensor(name, np.frombuffer(raw, np.uint8).reshape(rows, -1),
+                     raw_dtype=gguf_py.GGMLQuantizationType(qtype))
 
     w.add_tensor("token_embd.weight", rng.normal(0, 1, (v, d)).astype(np.float16))
     w.add_tensor("output_norm.weight", rng.normal(1, 0.1, d).astype(np.float32))
-    quant("output.weight", Q.Q6_K, v, d, 0.3)
+    quant("output.weight", ref.Q6_K, v, d, 0.3)
     shapes = {"attn_q.weight": (q_dim, d), "attn_k.weight": (kv_dim, d), "attn_v.weight": (kv_dim, d),
               "attn_output.weight": (d, q_dim), "ffn_gate.weight": (f, d), "ffn_up.weight": (f, d),
               "ffn_down.weight": (d, f)}

@@ -214,54 +214,67 @@ class QMatrix:
         return np.ascontiguousarray(w.transpose(2, 0, 1).reshape(self.shape))
 
     def matmul(self, x: np.ndarray, variant: str = "x86") -> np.ndarray:
-        """x (T, n_in) float32 -> (T, n_out) float32: ``x @ W.T`` as ggml computes it.
+        """x (T, n_in) float32 -> (T, n_out) float32: ``x @ W.T`` as ggml computes it
+        (see ``matmuls``)."""
+        return matmuls(x, [self], variant)[0]
 
-        Q8_0 / Q4_1 weights: bit-exact with ggml_vec_dot_q8_0_q8_0 / ggml_vec_dot_q4_1_q8_1
-        (AVX2 / AVX-512-VNNI; decode) and llamafile's tinyBLAS_Q0_AVX (Q8_0 prefill, the same
-        arithmetic): per block b and lane l (block elements 4l .. 4l+3) the integer sum
-        isum[b, l]; acc[l] = fma(f32(dw_b * dx_b), isum[b, l], acc[l]) over b in order; then
-        ((acc0 + acc4) + (acc2 + acc6)) + ((acc1 + acc5) + (acc3 + acc7)); Q4_1 adds
-        summs = sum over b in order of mw_b * sx_b (float32, exact products) at the end.
-        Q4_0 (repacked 8x8 kernels in ggml on AVX2), F16 and F32 weights: ggml's roundings of
-        the inputs, but BLAS summation order."""
-        x = np.asarray(x, np.float32)
-        if x.ndim != 2 or x.shape[1] != self.shape[1]:
-            raise ValueError(f"{self.name or 'matrix'} {self.shape} cannot take input of shape {x.shape}")
-        if self.ggml_type == GGMLType.F32:
-            return x @ self.w.T
-        if self.ggml_type == GGMLType.F16:
-            return f16_round(x) @ self.w.T  # products of two f16 are exact in float32
-        act = (quantize_row_q8_1 if self.ggml_type == GGMLType.Q4_1 else quantize_row_q8_0)(x, variant)
-        n_tok, (nb, _, n_out) = x.shape[0], self.q.shape
-        out = np.empty((n_tok, n_out), np.float32)
-        w_lanes = self.q.reshape(nb * 8, 4, n_out)  # lane (b, l) = block elements 4l .. 4l+3
-        step = max(1, self.CHUNK_BYTES // (nb * 8 * n_out * 4))
-        for t0 in range(0, n_tok, step):
-            t1 = min(n_tok, t0 + step)
-            t = t1 - t0
-            qx = act.q[t0:t1].reshape(t, nb * 8, 4).transpose(1, 0, 2).astype(np.float32)
-            isum = np.matmul(qx, w_lanes)  # (nb * 8, t, n_out): |isum| < 2^17, exact
-            dd = act.d[t0:t1].T[:, :, None] * self.d[:, None, :]  # (nb, t, n_out) f32, as ggml
-            acc = np.zeros((8, t, n_out), np.float32)
-            tmp = np.empty((8, t, n_out), np.float64)
-            for b in range(nb):  # fma(dd, isum, acc): the product is exact in float64
-                np.multiply(isum[8 * b:8 * b + 8], dd[b], out=tmp, dtype=np.float64)
-                tmp += acc
-                np.copyto(acc, tmp, casting="same_kind")
-            y = halving_sum(acc.transpose(1, 2, 0))  # hsum_float_8
-            if self.ggml_type == GGMLType.Q4_1:
-                summs = np.zeros((t, n_out), np.float32)
-                for b in range(nb):  # m * s of two f16 values is exact in float32
-                    summs += self.m[b] * act.s[t0:t1, b, None]
-                y = y + summs
-            out[t0:t1] = y
-        return out
+
+def matmuls(x: np.ndarray, ws: list[QMatrix], variant: str = "x86") -> list[np.ndarray]:
+    """ggml's mul_mat(w, x) for each w of ``ws`` (all of one type and n_in; computed together,
+    which changes nothing but speed): x (T, n_in) float32 -> [(T, n_out_i) float32].
+
+    Q8_0 / Q4_1 weights: bit-exact with ggml_vec_dot_q8_0_q8_0 / ggml_vec_dot_q4_1_q8_1
+    (AVX2 / AVX-512-VNNI; decode) and llamafile's tinyBLAS_Q0_AVX (Q8_0 prefill, the same
+    arithmetic): per block b and lane l (block elements 4l .. 4l+3) the integer sum
+    isum[b, l]; acc[l] = fma(f32(dw_b * dx_b), isum[b, l], acc[l]) over b in order; then
+    ((acc0 + acc4) + (acc2 + acc6)) + ((acc1 + acc5) + (acc3 + acc7)); Q4_1 adds
+    summs = sum over b in order of mw_b * sx_b (float32; the products are exact) at the end.
+    Q4_0 (repacked 8x8 kernels in ggml on AVX2), F16 and F32 weights: ggml's roundings of the
+    inputs, but BLAS summation order."""
+    x = np.asarray(x, np.float32)
+    kinds = {(w.ggml_type, w.shape[1]) for w in ws}
+    if len(kinds) != 1:
+        raise ValueError(f"matmuls needs weights of one type and input size, got {sorted(kinds)}")
+    (ggml_type, n_in), = kinds
+    if x.ndim != 2 or x.shape[1] != n_in:
+        raise ValueError(f"{ws[0].name or 'matrix'} {ws[0].shape} cannot take input of shape {x.shape}")
+    if ggml_type == GGMLType.F32:
+        return [x @ w.w.T for w in ws]
+    if ggml_type == GGMLType.F16:
+        x16 = f16_round(x)  # products of two f16 are exact in float32
+        return [x16 @ w.w.T for w in ws]
+    act = (quantize_row_q8_1 if ggml_type == GGMLType.Q4_1 else quantize_row_q8_0)(x, variant)
+    n_tok, nb = x.shape[0], n_in // QK
+    cols = np.cumsum([0] + [w.shape[0] for w in ws])
+    n_out = int(cols[-1])
+    out = np.empty((n_tok, n_out), np.float32)
+    step = max(1, QMatrix.CHUNK_BYTES // (nb * 8 * n_out * 8))
+    for t0 in range(0, n_tok, step):
+        t1 = min(n_tok, t0 + step)
+        t = t1 - t0
+        qx = act.q[t0:t1].reshape(t, nb * 8, 4).transpose(1, 0, 2).astype(np.float32)
+        prod = np.empty((nb, 8, t, n_out), np.float64)  # dd * isum, exact in float64
+        for w, c0, c1 in zip(ws, cols[:-1], cols[1:]):
+            isum = np.matmul(qx, w.q.reshape(nb * 8, 4, w.shape[0]))  # (nb * 8, t, n): exact
+            dd = act.d[t0:t1].T[:, :, None] * w.d[:, None, :]  # (nb, t, n) float32, as ggml
+            np.multiply(isum.reshape(nb, 8, t, -1), dd[:, None], out=prod[..., c0:c1], dtype=np.float64)
+        acc = prod[0].astype(np.float32)  # (8, t, n_out)
+        for b in range(1, nb):  # acc = fma(dd, isum, acc): one rounding, to float32
+            s = prod[b]
+            s += acc
+            np.copyto(acc, s, casting="same_kind")
+        y = halving_sum(acc.transpose(1, 2, 0))  # hsum_float_8
+        if ggml_type == GGMLType.Q4_1:
+            ms = np.concatenate([w.m for w in ws], axis=1)[:, None, :] * act.s[t0:t1].T[:, :, None]
+            y += np.cumsum(ms, axis=0)[-1]  # (nb, t, n_out): in order, float32
+        out[t0:t1] = y
+    return [out[:, c0:c1] for c0, c1 in zip(cols[:-1], cols[1:])]
 
 
 def matmul(x: np.ndarray, w: QMatrix | np.ndarray) -> np.ndarray:
     """ggml's mul_mat(w, x) for a QMatrix; a plain float32 array is an F32 weight."""
     if isinstance(w, QMatrix):
-        return w.matmul(x)
+        return matmuls(x, [w])[0]
     return x @ w.T
 
 
@@ -326,7 +339,7 @@ def v_expf(x: np.ndarray) -> np.ndarray:
         u = b * b
         j = fma(fma(fma(c["c0"], b, c["c1"]), u, fma(c["c2"], b, c["c3"])), u,
                 fma(c["c4"], b, np.float32(1)))
-        big = ~(np.abs(n) <= np.float32(192))  # NaN (from -inf) counts as big, as _CMP_GT_OQ on |n|... 
+        big = np.abs(n) > np.float32(192)  # -inf in: n = -inf, big, result 0
         ni = np.where(big, 0, n).astype(np.int32)
         res = np.ldexp(j, ni).astype(np.float32)
         alt = np.where(n <= 0, np.float32(0), np.float32(np.inf))
@@ -444,11 +457,6 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, neox: bool) -> np.ndar
     return x
 
 
-def kv_cells(n_keys: int) -> int:
-    """How many KV cells ggml's attention reads: used cells padded to 256 (zeros beyond)."""
-    return -(-n_keys // 256) * 256
-
-
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
               max_elems: int = 1 << 24) -> np.ndarray:
     """Causal GQA as llama.cpp computes it without flash attention, on an f16 KV cache.
@@ -466,7 +474,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
     kk = k.transpose(1, 0, 2)  # (n_kv, n_keys, hd)
     vt = v.transpose(1, 2, 0)  # (n_kv, hd, n_keys)
     rows = group * n_tokens
-    step = max(1, max_elems // (n_kv * max(n_keys, hd) * max(n_keys, hd)))
+    step = max(1, max_elems // (n_kv * max(n_keys, hd) * lanes))
     future = np.arange(n_keys)[None, :] > np.arange(start_pos, start_pos + n_tokens)[:, None]  # (T, n_keys)
     future = np.broadcast_to(future[None], (group, n_tokens, n_keys)).reshape(rows, n_keys)
     out = np.empty((n_kv, rows, hd), np.float32)

@@ -112,8 +112,12 @@ def silu(x: np.ndarray) -> np.ndarray:
     return x / (np.float32(1.0) + np.exp(-x))
 
 
-def _matmul_f32(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    return x @ w.T
+def _matmuls_f32(x: np.ndarray, ws: list[np.ndarray]) -> list[np.ndarray]:
+    return [x @ w.T for w in ws]
+
+
+def _swiglu_f32(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    return silu(gate) * up
 
 
 class NumpyLlama:
@@ -198,43 +202,43 @@ class NumpyLlama:
                              f"holds {self.n_past} positions, and positions cannot be skipped")
         if self.numerics == "ggml":
             g = ggml_numerics
-            norm, mm, att_fn, kv_round = g.rmsnorm, g.matmul, g.attention, g.f16_round
+            norm, mms, rot, att_fn, glu, kv_round = (g.rmsnorm, g.matmuls, g.rope, g.attention,
+                                                     g.swiglu, g.f16_round)
             cos, sin = g.rope_tables(cfg, start_pos, n_tokens)  # (T, 1, n_rot/2) each
         else:
-            norm, mm, att_fn, kv_round = rmsnorm, _matmul_f32, attention, None
+            norm, mms, rot, att_fn, glu, kv_round = (rmsnorm, _matmuls_f32, rope, attention,
+                                                     _swiglu_f32, None)
             cos, sin = rope_tables(cfg, start_pos, n_tokens)  # (T, 1, n_rot/2) each
 
         for li, w in enumerate(self.w.blocks):
             # attention
             xn = norm(h, w.attn_norm, cfg.rms_eps)  # (T, n_embd)
-            q = mm(xn, w.wq)  # (T, q_dim)
-            k = mm(xn, w.wk)  # (T, kv_dim)
-            v = mm(xn, w.wv)  # (T, kv_dim)
+            q, k, v = mms(xn, [w.wq, w.wk, w.wv])  # (T, q_dim), (T, kv_dim), (T, kv_dim)
             if w.bq is not None:
                 q += w.bq
             if w.bk is not None:
                 k += w.bk
             if w.bv is not None:
                 v += w.bv
-            q = rope(q.reshape(n_tokens, cfg.n_head, cfg.head_dim), cos, sin, cfg.rope_neox)
-            k = rope(k.reshape(n_tokens, cfg.n_head_kv, cfg.head_dim), cos, sin, cfg.rope_neox)
+            q = rot(q.reshape(n_tokens, cfg.n_head, cfg.head_dim), cos, sin, cfg.rope_neox)
+            k = rot(k.reshape(n_tokens, cfg.n_head_kv, cfg.head_dim), cos, sin, cfg.rope_neox)
             v = v.reshape(n_tokens, cfg.n_head_kv, cfg.head_dim)
             if kv_round is not None:
                 k, v = kv_round(k), kv_round(v)
             self.k_cache[li, start_pos:end] = k
             self.v_cache[li, start_pos:end] = v
             att = att_fn(q, self.k_cache[li, :end], self.v_cache[li, :end], start_pos)  # (T, n_head, hd)
-            h += mm(att.reshape(n_tokens, cfg.q_dim), w.wo)
+            h += mms(att.reshape(n_tokens, cfg.q_dim), [w.wo])[0]
             # feed-forward (SwiGLU)
             xn = norm(h, w.ffn_norm, cfg.rms_eps)  # (T, n_embd)
-            h += mm(silu(mm(xn, w.w_gate)) * mm(xn, w.w_up), w.w_down)
+            h += mms(glu(*mms(xn, [w.w_gate, w.w_up])), [w.w_down])[0]
 
         self.n_past = end
         if not self.is_last:
             return h  # (T, n_embd)
         if last_only:
             h = h[-1:]
-        return mm(norm(h, self.w.output_norm, cfg.rms_eps), self.w.output)  # (T or 1, n_vocab)
+        return mms(norm(h, self.w.output_norm, cfg.rms_eps), [self.w.output])[0]  # (T or 1, n_vocab)
 
     def generate_greedy(self, prompt: Sequence[int], n_new: int,
                         stop: Sequence[int] = ()) -> list[int]:
