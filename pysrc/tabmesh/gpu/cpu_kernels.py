@@ -82,13 +82,18 @@ def _elements_doc() -> str:
     return _Chunk.__doc__ or ""
 
 
-def generate(qtype: int, rows_per_lane: int = ROWS_PER_LANE) -> str:
+def generate(qtype: int, rows_per_lane: int = ROWS_PER_LANE, subgroup: int = 0) -> str:
+    """WGSL of the CPU matvec for qtype. subgroup=S > 0: the S lanes of a subgroup each load
+    1/S of a block's inputs and share them with subgroupBroadcast (needs subgroups of exactly S
+    invocations in invocation order, as SwiftShader's 4-wide SIMD groups are)."""
     ch, R = _Chunk(qtype), rows_per_lane
     name = TYPE_NAMES[qtype]
     E = ch.n
     L: list[str] = []
     A = L.append
     A(GENERATED)
+    if subgroup:
+        A("enable subgroups;")
     A(f"// y = W . xin for W [rows, k] in raw GGUF {name.upper()} blocks, CPU adapters (see the generator's")
     A("// docstring for why it looks like this). Same contract as matvec_" + name + ".wgsl:")
     A("// y[y_off + r] = (acc != 0 ? y[y_off + r] : 0) + sum_i W[r, i] xin[i], xin by XMODE")
@@ -115,7 +120,7 @@ def generate(qtype: int, rows_per_lane: int = ROWS_PER_LANE) -> str:
     A("")
     A("@compute @workgroup_size(WG)")
     A("fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,")
-    A("        @builtin(local_invocation_index) lid: u32) {")
+    A("        @builtin(local_invocation_index) lid: u32" + (", @builtin(subgroup_invocation_id) sl: u32" if subgroup else "") + ") {")
     A(f"  let r0 = ((wg.x + wg.y * nwg.x) * WG + lid) * {R}u;")
     shift = {32: 5, 64: 6}[E]
     A(f"  let n_chunks = p.k >> {shift}u;")
@@ -129,8 +134,15 @@ def generate(qtype: int, rows_per_lane: int = ROWS_PER_LANE) -> str:
     A("  for (var c = 0u; c < n_chunks; c++) {")
     A(f"    let i0 = c * {E}u;")
     A("    let xb = p.x_off + i0;")
-    for j in range(E):
-        A(f"    let v{j} = x[xb + {j}u];")
+    if subgroup:
+        S = subgroup
+        for m in range(E // S):
+            A(f"    let u{m} = x[xb + {S * m}u + sl];")
+        for j in range(E):
+            A(f"    let v{j} = subgroupBroadcast(u{j // S}, {j % S}u);")
+    else:
+        for j in range(E):
+            A(f"    let v{j} = x[xb + {j}u];")
     A("    if (XMODE == 1u) {")
     A("      ss += " + " + ".join(f"v{j} * v{j}" for j in range(E)) + ";")
     A("    }")
