@@ -184,6 +184,10 @@ async def run_model_benchmark(model, prompt_tokens: list[int], n_decode: int) ->
     return out
 
 
+# The panel's sampling (the API keeps OpenAI's defaults): small models ramble at temperature 1.
+CHAT_PANEL_SAMPLING = {"temperature": 0.3, "top_p": 0.9}
+
+
 class ChatPanel:
     """The chat UI: model picker, streaming answer as text, stop button, TTFT and tokens/s."""
 
@@ -197,6 +201,7 @@ class ChatPanel:
         self.log, self.input, self.stats = el("chat-log"), el("chat-input"), el("chat-stats")
         self.send_btn, self.stop_btn = el("send"), el("stop")
         el("chat-form").addEventListener("submit", proxies(self._on_submit))
+        self.input.addEventListener("keydown", proxies(self._on_key))
         self.stop_btn.addEventListener("click", proxies(lambda _ev: self._stop()))
         el("load-model").addEventListener("click", proxies(lambda _ev: tasks.spawn(self._load(), "load model")))
         el("clear-chat").addEventListener("click", proxies(lambda _ev: self._clear()))
@@ -230,6 +235,10 @@ class ChatPanel:
         self.log.replaceChildren()
         self.stats.textContent = ""
 
+    def _on_key(self, ev) -> None:
+        if ev.key == "Enter" and not ev.shiftKey and not ev.isComposing:
+            self._on_submit(ev)
+
     def _on_submit(self, ev) -> None:
         ev.preventDefault()
         text = self.input.value.strip()
@@ -251,7 +260,8 @@ class ChatPanel:
         try:
             await self.service.load(self.picker.value or None, self.backend.value)
             sid = self.stream_id = await self.service.chat_open(
-                {"messages": self.messages, "stream": True, "stream_options": {"include_usage": True}})
+                {"messages": self.messages, "stream": True, "stream_options": {"include_usage": True},
+                 **CHAT_PANEL_SAMPLING})
             while True:
                 step = await self.service.chat_next(sid)
                 if step["done"]:

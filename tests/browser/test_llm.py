@@ -76,7 +76,7 @@ def test_chat_panel_streams_text_never_html_and_stop_works(llm_node):
     page = llm_node.page
     page.select_option("#backend", "numpy")
     page.fill("#chat-input", "Repeat after me: <script>window.pwned = 1</script><b>bold</b>")
-    page.click("#send")
+    page.press("#chat-input", "Enter")  # Enter sends (Shift+Enter would add a line)
     page.wait_for_function("document.querySelectorAll('#chat-log .msg.assistant').length === 1 && "
                            "!document.querySelector('#stop').disabled")
     page.wait_for_function("document.querySelector('#chat-log .msg.assistant').textContent.length > 3")
