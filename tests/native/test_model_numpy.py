@@ -13,7 +13,8 @@ Three llama.cpp references, on SmolLM2-135M-Instruct:
   our Q8_0 re-quantization of it. Its CPU matmuls round activations to 8 bits (Q8_1 for
   Q4_1 weights, Q8_0 for Q8_0 weights) and its KV cache is f16; ours do neither (with the
   F32 file and an F32 KV cache the error drops from ~1 to 6e-5, so the rounding is the
-  cause). Measured max abs logit error (top-20 and 128 probe ids at each recorded
+  cause; NumpyLlama(numerics="ggml") does those roundings, and its logits and greedy tokens
+  equal llama.cpp's exactly: test_ggml_numerics.py). Measured max abs logit error (top-20 and 128 probe ids at each recorded
   position): Q4_1 1.09, Q8_0 0.83; tolerance ATOL_QUANT = 1.5. Over the whole last-position
   vector: mean abs error 0.07..0.27 (up to 0.27 of it a uniform offset, which softmax
   ignores), tolerance MEAN_ATOL_QUANT = 0.4: a real bug moves logits by units, everywhere.

@@ -1,46 +1,65 @@
-"""llama.cpp's CPU arithmetic in numpy: the roundings that make its logits differ from an
-exact float32 forward pass, reproduced so that ``NumpyLlama(..., numerics="ggml")`` follows
-llama.cpp token for token.
+"""llama.cpp's CPU arithmetic in numpy, bit for bit: ``NumpyLlama(..., numerics="ggml")``.
 
-What ggml's CPU backend does (llama.cpp as bundled by llama-cpp-python 0.3.36, x86-64 built
-with -march=native: AVX2 / AVX-512 / AVX-VNNI; flash attention off, its default there; f16
-KV cache, the default):
+llama.cpp on CPU does not compute the float32 forward pass of ``numerics="f32"``: it rounds
+activations to 8 bits for every quantized matmul, keeps K/V in f16, and sums in its own
+SIMD orders. Through 30 layers the quantization is chaotic: one activation rounded the other
+way in an early layer (from a one-ulp difference anywhere upstream) moves later 8-bit
+roundings by the hundred, and the logits end up ~0.5 apart, as far as with no rounding at
+all. So this module reproduces every operation exactly, not approximately; measured on
+SmolLM2-135M Q4_1 and Q8_0, 4 prompts, prefill + 32 greedy steps: every logit llama.cpp
+reported is equal (error 0.0), and so are the greedy tokens.
 
-1. A matmul with a quantized weight first quantizes each activation row to the weight's
-   ``vec_dot_type`` (ggml-cpu/arch/x86/quants.c ``quantize_row_q8_0`` / ``quantize_row_q8_1``,
-   the AVX path, NOT ggml's scalar ``*_ref``), per block of 32 elements:
-       amax = max |x_j|                       (float32)
-       d    = amax / 127.0f                   (float32 division)
-       id   = amax != 0 ? 127.0f / amax : 0   (float32 division; the scalar reference uses 1/d)
-       q_j  = round_half_even(x_j * id)       (float32 product, _MM_ROUND_NEAREST; the
-                                               reference uses roundf, half away from zero)
-       block.d = f16(d)                       (round to nearest even)
-       block.s = f16(d * sum_j q_j)           (Q8_1 only; the float32 d, not f16(d))
-   Q4_0, Q8_0 weights take Q8_0 activations; Q4_1 takes Q8_1; F16 weights take the row
-   rounded to f16; F32 weights take it as is.
-2. The dot product of a weight row with a quantized activation row, per block b
-   (``ggml_vec_dot_q4_1_q8_1``, ``ggml_vec_dot_q8_0_q8_0``):
-       isum_b = sum_j qw_j * qx_j                               (exact integers)
-       Q8_0, Q4_0:  y = sum_b (f32(dw_b) * f32(dx_b)) * isum_b
-       Q4_1:        y = sum_b (f32(dw_b) * f32(dx_b)) * isum_b  +  sum_b mw_b * sx_b
-   with the weight scale times the activation scale rounded to float32 first, and then
-   float32 accumulation (8 lanes of 4 elements each, FMA, then a tree; for prefill of
-   n >= 2 rows Q8_0 goes through llamafile's tinyBLAS, same products, another order).
-   Here the isum are exact, the scale products are rounded as in C, and the sums are taken
-   in float64 and rounded once: the result is within a few float32 ulps of ggml's.
-3. The KV cache is f16: K (after RoPE) and V are rounded to f16 when stored.
-4. Attention without flash attention (llama-graph.cpp build_attn_mha): kq = mul_mat(k, q)
-   with k f16, so q is rounded to f16 (F16's vec_dot_type) and the products summed in
-   float32; then soft_max_ext: x * scale + mask, max, exp, the sum in double, times
-   f32(1 / sum); then kqv = mul_mat(v, kq) with v f16, so the probabilities are rounded to
-   f16 too.
-5. RoPE angles in float32 as ggml_rope_cache_init computes them: theta_scale =
-   powf(base, -2/n_rot); theta_0 = pos; theta_{i+1} = theta_i * theta_scale (float32,
-   iterated); cosf / sinf. rmsnorm: squares in float32, summed in double.
+The reference is llama.cpp as llama-cpp-python 0.3.36 bundles it (ggml 0.25.3), built with
+-march=native on x86-64 (AVX2, FMA, F16C, AVX-512F/VL/VNNI, AVX-VNNI), run with its
+defaults: flash attention off (llama-cpp-python passes flash_attn=False), f16 K and V cache,
+llamafile sgemm on. What its CPU backend computes for a Llama block, in order (T = tokens in
+the batch; "fma" = one rounding; f16() = round to nearest even, as F16C):
 
-Everything else (residual adds, SwiGLU, embedding lookup) is plain float32 in both.
-The remaining differences (summation order, ggml's vectorized expf / silu) are float32
-ulps; they reach the logits only where they move an 8-bit or f16 rounding.
+1. rmsnorm (ggml_compute_forward_rms_norm_f32, fused with the weight mul):
+   sum = sum_i (double)(x_i * x_i)     squares in float32, summed in order in double
+   mean = (float)(sum / n); scale = 1.0f / sqrtf(mean + eps); y_i = (x_i * scale) * w_i.
+2. Matmul with Q8_0 / Q4_1 weights (Q4_0 too): the input row is first quantized per block
+   of 32 (arch/x86/quants.c quantize_row_q8_0 / quantize_row_q8_1, the AVX path; NOT the
+   scalar *_ref, which rounds differently):
+       amax = max_j |x_j|;  d = amax / 127.0f;  id = amax != 0 ? 127.0f / amax : 0.0f
+       q_j = round_half_even(x_j * id)   (float32 product; _mm256_round_ps(_MM_ROUND_NEAREST))
+       block.d = f16(d);  Q8_1 also block.s = f16(d * sum_j q_j)  (the float32 d, not f16(d))
+   Q4_1 weights take Q8_1, Q8_0 / Q4_0 take Q8_0. Then per weight row (ggml_vec_dot_q4_1_q8_1,
+   ggml_vec_dot_q8_0_q8_0; for T >= 2 Q8_0 goes through llamafile's tinyBLAS_Q0_AVX, which
+   does the same arithmetic): 8 float32 lanes, lane l of block b holds the exact integer
+   isum[b][l] = sum_{k<4} qw[32b + 4l + k] * qx[32b + 4l + k]  (VNNI dpbusd), and
+       acc[l] = fma(dw_b * dx_b, (float)isum[b][l], acc[l])   for b = 0, 1, ... in order
+   (dw_b * dx_b: two f16 in float32, exact), then
+       y = ((acc0 + acc4) + (acc2 + acc6)) + ((acc1 + acc5) + (acc3 + acc7))
+   and for Q4_1 y += summs, summs = fma(mw_b, sx_b, summs) over b in order (exact products).
+   Q4_1 and Q8_0 matmuls are the same for T = 1 (decode) and T >= 2 (prefill).
+3. q, k, v (= 2), then RoPE (ggml_rope_cache_init, rotate_pairs as GCC compiles them):
+   theta_scale = powf(base, -2.0f / n_rot); theta_0 = (float)pos; theta_{i+1} =
+   theta_i * theta_scale (float32, iterated, not pow per i); theta *= freq_scale;
+   (cos, sin) = sincosf(theta) of the C library (glibc's is not correctly rounded: 2% of
+   the angles differ from the nearest float); then a' = fma(a, cos, -(b * sin)),
+   b' = fma(a, sin, b * cos) with b * sin, b * cos rounded to float32.
+4. K and V are stored to the cache as f16(k), f16(v). The attention reads n_kv cells (the
+   used ones padded to 256; unused cells are zero and masked, they change nothing):
+   kq = mul_mat(k_f16, q): q is rounded to f16 first; kq[key] = dot of f16 values in float32,
+     T >= 2: tinyBLAS f16: 16 lanes, lane l sums elements l, l+16, l+32, l+48 in order;
+     T == 1: ggml_vec_dot_f16: 64 slots (4 x 16 lanes), one step for head_dim 64;
+     then the lanes are added by halving (x[i] + x[i + n/2] until one: GCC's
+     _mm512_reduce_add_ps, and for 64 slots first acc0+acc2, acc1+acc3, acc0+acc1).
+   softmax (ggml_compute_forward_soft_max_f32): w = kq * scale (+ mask: 0 or -inf);
+     e = ggml_v_expf(w - max) (AVX-512 polynomial, see v_expf); sum = sum over chunks of 16
+     of (double)halving_sum(chunk), in order; p = e * (float)(1.0 / sum).
+   kqv = mul_mat(v_f16 transposed, p): p is rounded to f16 first; dot over keys as kq
+     (T >= 2: 16 lanes over keys, in key order; T == 1: 64 slots, chains over 64-key steps).
+5. o = matmul(kqv, wo) as 2; residual add in float32; ffn: rmsnorm, gate and up (as 2),
+   SwiGLU (ggml_vec_swiglu_f32, AVX-512): y = (g / (1 + ggml_v_expf(-g))) * u, float32;
+   down (as 2); residual add. Output: rmsnorm, matmul with output.weight (as 2).
+
+Only Q8_0 / Q4_1 weights are bit-exact here. Q4_0 (repacked 8x8 kernels on AVX2), F16 and
+F32 weights get ggml's input roundings but BLAS summation order; K-quants (Q8_K
+activations) are refused. Other builds differ: an ARM or non-AVX build uses other rounding
+(the "ref" variant of the quantizers is ggml's scalar C), and flash attention or an F32
+cache changes step 4.
 """
 
 from __future__ import annotations
@@ -63,8 +82,9 @@ VARIANTS = ("x86", "ref")  # x86: the AVX2/AVX-512 build of the fixtures; ref: g
 
 
 def f16_round(x: np.ndarray) -> np.ndarray:
-    """float32 -> nearest f16 (ties to even, as F16C's vcvtps2ph) -> float32."""
-    return np.asarray(x, np.float32).astype(np.float16).astype(np.float32)
+    """float32 -> nearest f16 (ties to even, as F16C's vcvtps2ph; inf beyond 65504) -> float32."""
+    with np.errstate(over="ignore"):
+        return np.asarray(x, np.float32).astype(np.float16).astype(np.float32)
 
 
 # -- activation quantizers ---------------------------------------------------------------------
@@ -141,12 +161,13 @@ class QMatrix:
 
     Storage: F32 / F16: ``w`` (n_out, n_in) float32. Q4_0 / Q4_1 / Q8_0: ``q`` (n_blocks, 32,
     n_out) float32 holding the integer quants (Q4_0: -8..7, Q4_1: 0..15, Q8_0: -128..127) in
-    block-element order, so that one BLAS call per block gives exact integer dot products;
-    ``d`` (n_blocks, n_out) and, for Q4_1, ``m`` (n_blocks, n_out): the f16 scale / minimum
-    as float32."""
+    block-element order, so that BLAS gives the exact integer sums of ggml's SIMD lanes
+    (``q.reshape(n_blocks * 8, 4, n_out)``); ``d`` (n_blocks, n_out) and, for Q4_1, ``m``
+    (n_blocks, n_out): the f16 scale / minimum as float32. 4 bytes a weight, like the f32
+    model's dequantized arrays."""
 
     SUPPORTED = (GGMLType.F32, GGMLType.F16, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0)
-    CHUNK_BYTES = 64 << 20  # bound on the (n_blocks, rows, n_out) temporaries of one call
+    CHUNK_BYTES = 4 << 20  # float64 products per chunk of matmuls: a few MB, to stay in cache
 
     def __init__(self, ggml_type: int, shape: tuple[int, int], *, w: np.ndarray | None = None,
                  q: np.ndarray | None = None, d: np.ndarray | None = None,
@@ -179,7 +200,8 @@ class QMatrix:
         blocks = data.reshape(n_out, nb, fmt.type_size)
 
         def f16(lo: int) -> np.ndarray:  # (n_out, nb) -> (nb, n_out)
-            return np.ascontiguousarray(blocks[:, :, lo:lo + 2]).view("<f2")[..., 0].astype(np.float32).T.copy()
+            half = np.ascontiguousarray(blocks[:, :, lo:lo + 2]).view("<f2")[..., 0]
+            return np.ascontiguousarray(half.astype(np.float32).T)
 
         def nibbles(qs: np.ndarray) -> np.ndarray:  # (n_out, nb, 16) -> (n_out, nb, 32)
             return np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=-1)
@@ -199,11 +221,6 @@ class QMatrix:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.w, self.q, self.d, self.m) if a is not None)
 
-    @property
-    def vec_dot_type(self) -> str:
-        return {GGMLType.F32: "F32", GGMLType.F16: "F16", GGMLType.Q4_0: "Q8_0",
-                GGMLType.Q4_1: "Q8_1", GGMLType.Q8_0: "Q8_0"}[self.ggml_type]
-
     def dequantize(self) -> np.ndarray:
         """The float32 weights (n_out, n_in), as ggml's dequantize_row_* gives them."""
         if self.w is not None:
@@ -220,8 +237,8 @@ class QMatrix:
 
 
 def matmuls(x: np.ndarray, ws: list[QMatrix], variant: str = "x86") -> list[np.ndarray]:
-    """ggml's mul_mat(w, x) for each w of ``ws`` (all of one type and n_in; computed together,
-    which changes nothing but speed): x (T, n_in) float32 -> [(T, n_out_i) float32].
+    """ggml's mul_mat(w, x) for each w of ``ws`` (all of one type and n_in, like q/k/v or
+    gate/up: x is quantized once): x (T, n_in) float32 -> [(T, n_out_i) float32].
 
     Q8_0 / Q4_1 weights: bit-exact with ggml_vec_dot_q8_0_q8_0 / ggml_vec_dot_q4_1_q8_1
     (AVX2 / AVX-512-VNNI; decode) and llamafile's tinyBLAS_Q0_AVX (Q8_0 prefill, the same
@@ -237,7 +254,8 @@ def matmuls(x: np.ndarray, ws: list[QMatrix], variant: str = "x86") -> list[np.n
         raise ValueError(f"matmuls needs weights of one type and input size, got {sorted(kinds)}")
     (ggml_type, n_in), = kinds
     if x.ndim != 2 or x.shape[1] != n_in:
-        raise ValueError(f"{ws[0].name or 'matrix'} {ws[0].shape} cannot take input of shape {x.shape}")
+        raise ValueError(f"{ws[0].name or 'matrix'} {ws[0].shape} cannot take input of "
+                         f"shape {x.shape}")
     if ggml_type == GGMLType.F32:
         return [x @ w.w.T for w in ws]
     if ggml_type == GGMLType.F16:
@@ -245,30 +263,39 @@ def matmuls(x: np.ndarray, ws: list[QMatrix], variant: str = "x86") -> list[np.n
         return [x16 @ w.w.T for w in ws]
     act = (quantize_row_q8_1 if ggml_type == GGMLType.Q4_1 else quantize_row_q8_0)(x, variant)
     n_tok, nb = x.shape[0], n_in // QK
-    cols = np.cumsum([0] + [w.shape[0] for w in ws])
-    n_out = int(cols[-1])
-    out = np.empty((n_tok, n_out), np.float32)
-    step = max(1, QMatrix.CHUNK_BYTES // (nb * 8 * n_out * 8))
-    for t0 in range(0, n_tok, step):
-        t1 = min(n_tok, t0 + step)
-        t = t1 - t0
-        qx = act.q[t0:t1].reshape(t, nb * 8, 4).transpose(1, 0, 2).astype(np.float32)
-        prod = np.empty((nb, 8, t, n_out), np.float64)  # dd * isum, exact in float64
-        for w, c0, c1 in zip(ws, cols[:-1], cols[1:]):
-            isum = np.matmul(qx, w.q.reshape(nb * 8, 4, w.shape[0]))  # (nb * 8, t, n): exact
-            dd = act.d[t0:t1].T[:, :, None] * w.d[:, None, :]  # (nb, t, n) float32, as ggml
-            np.multiply(isum.reshape(nb, 8, t, -1), dd[:, None], out=prod[..., c0:c1], dtype=np.float64)
-        acc = prod[0].astype(np.float32)  # (8, t, n_out)
-        for b in range(1, nb):  # acc = fma(dd, isum, acc): one rounding, to float32
-            s = prod[b]
-            s += acc
-            np.copyto(acc, s, casting="same_kind")
-        y = halving_sum(acc.transpose(1, 2, 0))  # hsum_float_8
-        if ggml_type == GGMLType.Q4_1:
-            ms = np.concatenate([w.m for w in ws], axis=1)[:, None, :] * act.s[t0:t1].T[:, :, None]
-            y += np.cumsum(ms, axis=0)[-1]  # (nb, t, n_out): in order, float32
-        out[t0:t1] = y
-    return [out[:, c0:c1] for c0, c1 in zip(cols[:-1], cols[1:])]
+    qx = act.q.reshape(n_tok, nb * 8, 4).transpose(1, 0, 2).astype(np.float32)  # (nb * 8, T, 4)
+    dx = act.d.T[:, :, None]  # (nb, T, 1)
+    outs = []
+    # chunks of rows x columns small enough for the per-block loop to run in cache
+    per_elem = nb * 8 * 8  # bytes of float64 products per (row, column)
+    rows = max(1, min(n_tok, QMatrix.CHUNK_BYTES // (per_elem * 256)))
+    for w in ws:
+        n_out = w.shape[0]
+        cols = max(256, QMatrix.CHUNK_BYTES // (per_elem * rows))
+        out = np.empty((n_tok, n_out), np.float32)
+        w_lanes = w.q.reshape(nb * 8, 4, n_out)  # lane (b, l) = block elements 4l .. 4l+3
+        for t0 in range(0, n_tok, rows):
+            t1 = min(n_tok, t0 + rows)
+            for c0 in range(0, n_out, cols):
+                c1 = min(n_out, c0 + cols)
+                isum = np.matmul(qx[:, t0:t1], w_lanes[:, :, c0:c1])  # |isum| < 2^17: exact
+                prod = isum.astype(np.float64).reshape(nb, 8, t1 - t0, c1 - c0)
+                prod *= (dx[:, t0:t1] * w.d[:, None, c0:c1])[:, None]  # f32(dw * dx), as ggml
+                acc = prod[0].astype(np.float32)  # (8, t, c): lane accumulators
+                for b in range(1, nb):  # acc = fma(dd, isum, acc): one rounding, to float32
+                    s = prod[b]
+                    s += acc
+                    np.copyto(acc, s, casting="same_kind")
+                y = halving_sum(acc.transpose(1, 2, 0))  # hsum_float_8
+                if w.m is not None:  # Q4_1: + summs, m * s exact in float32, summed in order
+                    ms = w.m[:, None, c0:c1] * act.s[t0:t1].T[:, :, None]  # (nb, t, c)
+                    summs = ms[0].copy()
+                    for b in range(1, nb):
+                        summs += ms[b]
+                    y += summs
+                out[t0:t1, c0:c1] = y
+        outs.append(out)
+    return outs
 
 
 def matmul(x: np.ndarray, w: QMatrix | np.ndarray) -> np.ndarray:
@@ -284,7 +311,8 @@ def fma(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
     """float32 fused multiply-add, round(a * b + c) once: the product of two float32 is exact
     in float64 and the sum is rounded twice (float64, float32), which differs from one
     rounding only when the float64 sum lands exactly halfway between two float32 (~2^-29)."""
-    return (np.asarray(a, np.float64) * np.asarray(b, np.float64) + np.asarray(c, np.float64)).astype(np.float32)
+    a64, b64, c64 = (np.asarray(v, np.float64) for v in (a, b, c))
+    return (a64 * b64 + c64).astype(np.float32)
 
 
 def halving_sum(x: np.ndarray) -> np.ndarray:
@@ -315,7 +343,8 @@ def lane_dot(a: np.ndarray, b: np.ndarray, lanes: int) -> np.ndarray:
         lo, hi = s * lanes, min(n, (s + 1) * lanes)
         p = a[..., lo:hi] * b[..., lo:hi]
         if hi - lo < lanes:
-            p = np.concatenate([p, np.zeros(p.shape[:-1] + (lanes - (hi - lo),), np.float32)], axis=-1)
+            pad = np.zeros(p.shape[:-1] + (lanes - (hi - lo),), np.float32)
+            p = np.concatenate([p, pad], axis=-1)
         acc = p if acc is None else acc + p
     return halving_sum(acc)
 
@@ -470,15 +499,16 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
     group = n_head // n_kv
     lanes = 64 if n_tokens == 1 else 16
     q16 = f16_round(q)
-    qg = q16.reshape(n_tokens, n_kv, group, hd).transpose(1, 2, 0, 3).reshape(n_kv, group * n_tokens, hd)
+    qg = q16.reshape(n_tokens, n_kv, group, hd).transpose(1, 2, 0, 3).reshape(n_kv, -1, hd)
     kk = k.transpose(1, 0, 2)  # (n_kv, n_keys, hd)
     vt = v.transpose(1, 2, 0)  # (n_kv, hd, n_keys)
     rows = group * n_tokens
     step = max(1, max_elems // (n_kv * max(n_keys, hd) * lanes))
-    future = np.arange(n_keys)[None, :] > np.arange(start_pos, start_pos + n_tokens)[:, None]  # (T, n_keys)
+    positions = np.arange(start_pos, start_pos + n_tokens)
+    future = np.arange(n_keys)[None, :] > positions[:, None]  # (T, n_keys): masked to -inf
     future = np.broadcast_to(future[None], (group, n_tokens, n_keys)).reshape(rows, n_keys)
     out = np.empty((n_kv, rows, hd), np.float32)
-    scale = np.float32(1.0 / np.sqrt(hd))
+    scale = np.float32(1.0) / np.sqrt(np.float32(hd))  # 1.0f / sqrtf(head_dim), as llama.cpp
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         kq = lane_dot(qg[:, r0:r1, None, :], kk[:, None, :, :], lanes)  # (n_kv, r, n_keys)
