@@ -9,9 +9,11 @@ The pipeline, all of it read from tokenizer.json:
          added tokens with normalized=false; matched case-sensitively, longest first)
       -> BertNormalizer, one character at a time (every step is per character, which is
          what lets each output character remember the input character it came from):
-           clean_text            drop NUL, U+FFFD and "other" characters (Cc Cf Co Cs Cn,
-                                 except \\t \\n \\r); any White_Space character -> " "
-           handle_chinese_chars  a CJK ideograph becomes its own word
+           clean_text            drop NUL, U+FFFD and "other" characters (Cc Cf Co Cs,
+                                 except \\t \\n \\r; unassigned ones are kept); any
+                                 White_Space character -> " "
+           handle_chinese_chars  a CJK ideograph becomes its own word (after NFD, which maps
+                                 CJK compatibility ideographs to unified ones)
            strip_accents         NFD, then drop nonspacing marks (Mn). Unset (null) in the
                                  file means "same as lowercase", as `tokenizers` reads it.
            lowercase             per character (so no Greek final-sigma rule, like Rust's
@@ -27,15 +29,18 @@ The pipeline, all of it read from tokenizer.json:
 max_length defaults to 256, sentence-transformers' max_seq_length for this model, NOT the
 128 that tokenizer.json's own truncation section says (sentence-transformers overrides it).
 
-Where Python's and Rust's Unicode tables differ (Python 3.11 ships Unicode 14, 3.12
-Unicode 15; `tokenizers` uses the Rust standard library for lowercase/whitespace and the
-`unicode_categories` crate for categories) a character unassigned in one and assigned in
-the other can tokenize differently. The fixture set includes emoji and scripts of several
-Unicode versions to keep an eye on that.
+Categories come from Python's unicodedata, corrected by _OVERRIDE_TABLE wherever
+`tokenizers` decides otherwise (its category tables predate Unicode 10; its lowercase is
+newer than Python's). With the table, every code point gives the same words as
+`tokenizers` 0.23.3 under CPython 3.11, 3.12 (Pyodide 0.27's Unicode 15.0) and 3.13;
+``scripts/make_embedding_fixtures.py --check-unicode`` re-checks and prints the table.
+One known difference remains, in offsets only: where NFD reorders combining marks across
+characters, a piece's start can be one character off (ids are unaffected).
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 import unicodedata
@@ -56,7 +61,7 @@ _WORD_CACHE_MAX = 1 << 16
 _WHITE_SPACE = frozenset(
     "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007"
     "\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
-_OTHER_CATEGORIES = frozenset(("Cc", "Cf", "Co", "Cs", "Cn"))
+_OTHER = frozenset(("Cc", "Cf", "Co", "Cs"))  # not Cn: tokenizers keeps unassigned characters
 # tokenizers' is_chinese_char (note its 0x2B920 where Google's BERT has 0x2B820)
 _CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
                (0x2B740, 0x2B81F), (0x2B920, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
@@ -110,7 +115,78 @@ def _is_punctuation(c: str) -> bool:
     cp = ord(c)
     if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:
         return True
+    rule = _override(c)
+    if rule is not None:
+        return rule == "p"
     return unicodedata.category(c).startswith("P")
+
+
+def _is_mark(c: str) -> bool:
+    """A nonspacing mark, as tokenizers' (older) tables say."""
+    rule = _override(c)
+    return rule == "m" if rule is not None else unicodedata.category(c) == "Mn"
+
+
+def _lower(c: str) -> str:
+    rule = _override(c)
+    if rule is None:
+        return c.lower()
+    if rule[0] == ">":
+        return rule[1:]
+    return chr(ord(c) + int(rule[1:], 16)) if rule[0] == "+" else c
+
+
+# Where `tokenizers` and Python's unicodedata disagree. tokenizers takes categories from the
+# `unicode_categories` crate, which predates Unicode 10: marks, punctuation and format
+# characters added since are plain word characters to it (and a few changed category);
+# its lowercase comes from a Rust standard library newer than Python's tables. Found by
+# running every code point through both (tokenizers 0.23.3; CPython 3.11, 3.12, 3.13).
+#   HEX[-HEX]RULE, RULE: w  an ordinary word character, left as it is
+#                        p  punctuation, left as it is
+#                        m  a nonspacing mark (removed with the accents)
+#                        x  removed (clean_text)
+#                        >HEX  lowercases to that code point
+#                        +HEX  lowercases to the code point HEX further on
+_OVERRIDE_TABLE = """
+61dw 7fdw 890-891w 898-89fw 8ca-8e2w 9fd-9few a76w afa-affw b55w c04w c3cw c77w c84w
+d00w d3b-d3cw d81w ebaw ecew 166dp 1734m 180fw 1885-1886w 1abf-1acew 1b7d-1b7ew
+1c89>1c8a 1df6-1dfbw 2e43-2e4fw 2e52-2e5dw a7cb>264 a7cc>a7cd a7ce>a7cf a7d2>a7d3
+a7d4>a7d5 a7da>a7db a7dc>19b a82cw a8c5w a8ffw a9bdw 10d24-10d27w 10d50-10d65+20
+10eab-10eadw 10efd-10effw 10f46-10f50w 10f55-10f59w 10f82-10f89w 11070w 11073-11074w
+110c2w 110cdw 111c9p 111cfw 1123ew 11241w 1133bw 11438-1143fw 11442-11444w 11446w
+1144b-1144fw 1145a-1145bw 1145d-1145ew 11660-1166cw 116b9w 1182f-11837w 11839-1183bw
+11938w 1193b-1193cw 1193ew 11943-11946w 119d4-119d7w 119da-119dbw 119e0w 119e2w
+11a01-11a0aw 11a33-11a38w 11a3b-11a47w 11a51-11a56w 11a59-11a5bw 11a8a-11a96w
+11a98-11a9cw 11a9e-11aa2w 11b00-11b09w 11c30-11c36w 11c38-11c3dw 11c3fw 11c41-11c45w
+11c70-11c71w 11c92-11ca7w 11caa-11cb0w 11cb2-11cb3w 11cb5-11cb6w 11d31-11d36w 11d3aw
+11d3c-11d3dw 11d3f-11d45w 11d47w 11d90-11d91w 11d95w 11d97w 11ef3-11ef4w 11ef7-11ef8w
+11f00-11f01w 11f36-11f3aw 11f40w 11f42-11f4fw 11fffw 12ff1-12ff2w 13430-13440w
+13447-13455w 16e97-16e9aw 16ea0-16eb8+1b 16f4fw 16fe2w 16fe4w 1cf00-1cf2dw 1cf30-1cf46w
+1e000-1e006w 1e008-1e018w 1e01b-1e021w 1e023-1e024w 1e026-1e02aw 1e08fw 1e130-1e136w
+1e2aew 1e2ec-1e2efw 1e4ec-1e4efw 1e944-1e94aw 1e95e-1e95fw
+"""
+
+
+def _parse_overrides(table: str) -> tuple[list[int], list[int], list[str]]:
+    entries = []
+    for item in table.split():
+        i = next(k for k, ch in enumerate(item) if ch in "wpmx>+")
+        lo, _, hi = item[:i].partition("-")
+        rule = item[i:] if item[i] != ">" else ">" + chr(int(item[i + 1:], 16))
+        entries.append((int(lo, 16), int(hi or lo, 16), rule))
+    entries.sort()
+    return [e[0] for e in entries], [e[1] for e in entries], [e[2] for e in entries]
+
+
+_OV_LO, _OV_HI, _OV_RULE = _parse_overrides(_OVERRIDE_TABLE)
+
+
+def _override(c: str) -> str | None:
+    cp = ord(c)
+    if cp < 0x61D:  # below the first entry: the common case, skip the search
+        return None
+    i = bisect.bisect_right(_OV_LO, cp) - 1
+    return _OV_RULE[i] if i >= 0 and cp <= _OV_HI[i] else None
 
 
 class WordPieceTokenizer:
@@ -134,7 +210,8 @@ class WordPieceTokenizer:
             if name not in vocab:
                 raise TokenizerConfigError(f"special token {name!r} is not in the vocabulary")
         if max_length < 2:
-            raise TokenizerConfigError(f"max_length {max_length} leaves no room for [CLS] and [SEP]")
+            raise TokenizerConfigError(
+                f"max_length {max_length} leaves no room for [CLS] and [SEP]")
         self.vocab = vocab
         self.id_to_token = {i: t for t, i in vocab.items()}
         self.lowercase = lowercase
@@ -224,22 +301,25 @@ class WordPieceTokenizer:
         out = self._char_cache.get(c)
         if out is not None:
             return out
-        if self.clean_text and (c in "\0\ufffd" or (
-                c not in "\t\n\r" and unicodedata.category(c) in _OTHER_CATEGORIES)):
+        rule = _override(c)
+        if self.clean_text and (rule == "x" or c in "\0\ufffd" or (
+                rule is None and c not in "\t\n\r" and unicodedata.category(c) in _OTHER)):
             out = ()
         elif c in _WHITE_SPACE:
             out = ((" ", _SPACE),)
-        elif self.handle_chinese_chars and _is_cjk(ord(c)):
-            out = ((c.lower() if self.lowercase else c, _SOLO),)
+        elif rule is not None and rule not in "xm":  # w, p or a lowercase mapping
+            out = ((_lower(c) if self.lowercase else c, _PUNCT if rule == "p" else _WORD),)
         else:
             s = c
             if self.strip_accents:
-                s = "".join(x for x in unicodedata.normalize("NFD", s)
-                            if unicodedata.category(x) != "Mn")
+                s = "".join(x for x in unicodedata.normalize("NFD", s) if not _is_mark(x))
             if self.lowercase:
-                s = "".join(x.lower() for x in s)
-            out = tuple((x, _SPACE if x in _WHITE_SPACE else
-                         _PUNCT if _is_punctuation(x) else _WORD) for x in s)
+                s = "".join(_lower(x) for x in s)
+            if self.handle_chinese_chars and _is_cjk(ord(c)):
+                out = tuple((x, _SOLO) for x in s)
+            else:
+                out = tuple((x, _SPACE if x in _WHITE_SPACE else
+                             _PUNCT if _is_punctuation(x) else _WORD) for x in s)
         self._char_cache[c] = out
         return out
 
