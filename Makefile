@@ -24,8 +24,9 @@ setup: system-deps $(STAMP)
 serve: setup
 	$(BIN)/tabmesh serve $(ARGS)
 
+# One BLAS thread: on 2 cores shared with Chromium, multi-threaded OpenBLAS measured 3-5x slower.
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-native: setup
 	$(BIN)/python -m pytest tests/native $(PYTEST_ARGS)
