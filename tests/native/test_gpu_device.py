@@ -69,3 +69,66 @@ def test_parse_interface():
     assert [(d.name, d.kind) for d in i.storage] == [("x", "read-only-storage"), ("y", "storage")]
     assert i.fields == (("n", "u32"), ("eps", "f32"))
     assert i.pack("t", {"n": 3, "eps": 0.5}) == b"\x03\0\0\0\0\0\0\x3f"
+
+
+def test_parse_interface_textures():
+    src = """
+    @group(0) @binding(0) var<uniform> p: P;
+    struct P { n: u32 }
+    @group(0) @binding(3) var out: texture_storage_2d<rgba32float, write>;
+    @group(0) @binding(1) var qt: texture_2d<u32>;
+    @group(0) @binding(2) var xt : texture_2d< f32 >;
+    """
+    i = parse_interface("t", src)
+    assert [(d.name, d.kind) for d in i.storage] == [("qt", "texture-uint"), ("xt", "texture-float"),
+                                                     ("out", "storage-texture-rgba32float")]
+    assert [d.is_texture for d in i.storage] == [True, True, True]
+    assert [d.writable for d in i.storage] == [False, False, True]
+
+
+TEXTURE_ROUNDTRIP = """
+@group(0) @binding(0) var<storage, read> src: array<u32>;
+@group(0) @binding(1) var tw: texture_storage_2d<rgba32uint, write>;
+@compute @workgroup_size(1)
+fn main(@builtin(global_invocation_id) g: vec3<u32>) {
+  let i = 4u * (g.y * 3u + g.x);
+  textureStore(tw, vec2<i32>(i32(g.x), i32(g.y)), vec4<u32>(src[i], src[i + 1u], src[i + 2u], src[i + 3u]));
+}
+"""
+
+TEXTURE_READ = """
+@group(0) @binding(0) var tr: texture_2d<u32>;
+@group(0) @binding(1) var<storage, read_write> dst: array<u32>;
+@compute @workgroup_size(1)
+fn main(@builtin(global_invocation_id) g: vec3<u32>) {
+  let v = textureLoad(tr, vec2<i32>(i32(g.x), i32(g.y)), 0);
+  let i = 4u * (g.y * 3u + g.x);
+  dst[i] = v.x; dst[i + 1u] = v.y; dst[i + 2u] = v.z; dst[i + 3u] = v.w;
+}
+"""
+
+
+def test_texture_write_then_read(gpu, arun, monkeypatch):
+    # a storage-texture write and a textureLoad of the same texture in two dispatches of one pass
+    from tabmesh.gpu import Texture, kernels
+
+    monkeypatch.setitem(kernels._source_cache, "tex_write_test", TEXTURE_ROUNDTRIP)
+    monkeypatch.setitem(kernels._source_cache, "tex_read_test", TEXTURE_READ)
+    kw, kr = arun(gpu.kernel("tex_write_test")), arun(gpu.kernel("tex_read_test"))
+    data = (np.arange(3 * 2 * 4, dtype=np.uint64) * 2654435761 % 2**32).astype(np.uint32)
+    tex = gpu.create_texture(3, 2, "rgba32uint", "roundtrip")
+    assert isinstance(tex, Texture) and tex.nbytes == 96
+    src, dst = gpu.upload(data.astype(np.uint32)), gpu.create_buffer(96)
+    with pytest.raises(TypeError, match="texture"):
+        gpu.batch().dispatch(kw, (3, 2), src=src, tw=src)
+    with pytest.raises(TypeError, match="buffer"):
+        gpu.batch().dispatch(kr, (3, 2), tr=tex, dst=tex)
+    b = gpu.batch()
+    b.dispatch(kw, (3, 2), src=src, tw=tex)
+    b.dispatch(kr, (3, 2), tr=tex, dst=dst)
+    b.read(dst)
+    (raw,) = arun(b.run())
+    np.testing.assert_array_equal(np.frombuffer(raw, np.uint32), data)
+    with pytest.raises(Exception, match="maxTextureDimension2D"):
+        gpu.create_texture(1, gpu.info["limits"]["maxTextureDimension2D"] + 1)
+    gpu.destroy_texture(tex)

@@ -95,7 +95,9 @@ class TinyLlama:
         return await self._finish(b)
 
     async def decode(self, token, pos):
-        """One token: 1 + 6 per layer + 2 dispatches, one submit, logits and argmax back."""
+        """One token: 1 + 6 per layer + 2 dispatches (CPU-adapter kernels: every matvec is two, its
+        input into a texture (with the RMSNorm / SwiGLU) and the product, + 1 for the second argmax
+        pass), one submit, logits and argmax back."""
         o, b = self.ops, self.dev.batch("decode")
         self.dev.write(self.ids, np.array([token], np.uint32))
         o.embed(b, self.ids, self.emb, self.h, qtype=Q8_0, n_tokens=1, dim=DIM)
@@ -107,7 +109,7 @@ class TinyLlama:
                      eps=EPS)
             o.matvec(b, lw["down"], self.gu, self.h, qtype=Q4_1, rows=DIM, k=FFN, silu_up_off=FFN, accumulate=True)
         self._head(b, 0)
-        assert len(b._dispatches) == 1 + 6 * L + 2
+        assert len(b._dispatches) == (1 + 10 * L + 4 if self.ops.cpu else 1 + 6 * L + 2)
         return await self._finish(b)
 
     async def _finish(self, b):
@@ -116,9 +118,9 @@ class TinyLlama:
         return np.frombuffer(res[i_logits], np.float32), int(np.frombuffer(res[i_best], np.uint32)[0])
 
 
-@pytest.fixture(scope="module")
-def tiny(gpu, arun):
-    ops = arun(Ops.create(gpu, head_dim=HD, matrix_types=(Q4_1, Q8_0), embed_types=(Q8_0,)))
+@pytest.fixture(scope="module", params=[False, True], ids=["gpu-kernels", "cpu-kernels"])
+def tiny(gpu, arun, request):
+    ops = arun(Ops.create(gpu, head_dim=HD, matrix_types=(Q4_1, Q8_0), embed_types=(Q8_0,), cpu_kernels=request.param))
     w = make_weights(np.random.default_rng(2024))
     return TinyLlama(gpu, ops, w), w
 

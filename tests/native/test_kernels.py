@@ -29,16 +29,21 @@ MATRIX_TYPES = (Q4_0, Q4_1, Q8_0)  # matvec and matmul
 K_TYPES = (Q4_K, Q6_K)  # matvec only
 
 
-@pytest.fixture(scope="module")
-def ops(gpu, arun):
-    return arun(Ops.create(gpu, head_dim=64, matrix_types=MATRIX_TYPES, embed_types=(F32, F16, Q4_0, Q4_1, Q8_0)))
+@pytest.fixture(scope="module", params=[False, True], ids=["gpu", "cpu"])
+def ops(gpu, arun, request):
+    """Ops with the GPU kernels, or with the CPU-adapter variants (cpu_kernels.py) where they exist
+    (attention, argmax, rmsnorm); both run on any adapter."""
+    return arun(Ops.create(gpu, head_dim=64, matrix_types=MATRIX_TYPES, embed_types=(F32, F16, Q4_0, Q4_1, Q8_0),
+                           cpu_kernels=request.param))
 
 
-@pytest.fixture(scope="module", params=[1, 16], ids=["tpr1", "tpr16"])
+@pytest.fixture(scope="module", params=[(1, False), (16, False), (1, True)], ids=["tpr1", "tpr16", "cpu"])
 def mv_ops(gpu, arun, request):
-    """Ops whose matvec kernels share each row among 1 (CPU adapters) or 16 (GPUs) threads."""
+    """Ops whose matvec kernels share each row among 1 or 16 threads (GPU kernels), or the
+    CPU-adapter matvec (R rows per thread; K-quants and odd k fall back to TPR 1)."""
+    tpr, cpu = request.param
     return arun(Ops.create(gpu, head_dim=64, matrix_types=MATRIX_TYPES + K_TYPES, embed_types=(),
-                           matvec_tpr=request.param))
+                           matvec_tpr=tpr, cpu_kernels=cpu))
 
 
 def f32buf(dev, a):
@@ -252,6 +257,13 @@ def _attention_case(gpu, ops, arun, rng, n_tokens, pos0, n_heads=4, n_kv=2, hd=6
     np.testing.assert_allclose(got, expect, rtol=1e-4, atol=2e-5 * np.abs(kvs[1]).max())
 
 
+def test_attention_cpu_head_groups(gpu, arun):
+    # the CPU attention sharing each KV head's loads among 2 query heads (4 heads, 2 KV heads)
+    g_ops = arun(Ops.create(gpu, head_dim=64, matrix_types=(), embed_types=(), cpu_kernels=True, attention_group=2))
+    _attention_case(gpu, g_ops, arun, np.random.default_rng(9), n_tokens=3, pos0=40)
+    _attention_case(gpu, g_ops, arun, np.random.default_rng(10), n_tokens=1, pos0=70)
+
+
 def test_attention_prefill(gpu, ops, arun):
     _attention_case(gpu, ops, arun, np.random.default_rng(5), n_tokens=70, pos0=0)  # > one 64-key chunk
 
@@ -378,10 +390,11 @@ def test_matvec_fused_rmsnorm(gpu, mv_ops, arun, qtype):
 
 
 @pytest.mark.parametrize("qtype", MATRIX_TYPES)
-def test_matvec_fused_silu(gpu, mv_ops, arun, qtype):
+@pytest.mark.parametrize("ffn", [160, 192])  # 192: a multiple of 64, so Q4_0 / Q8_0 take the CPU kernels too
+def test_matvec_fused_silu(gpu, mv_ops, arun, qtype, ffn):
     # xin = silu(gate) * up formed in f32 per element (exp: a few ulp) -> + 1e-5 relative of the sum.
     rng = np.random.default_rng(30 + qtype)
-    rows, ffn = 40, 160
+    rows = 40
     w = ref.random_weights(rng, qtype, rows, ffn)
     gu = rng.normal(0, 3, 2 * ffn).astype(np.float32)
     y = gpu.create_buffer(rows * 4)
@@ -422,3 +435,81 @@ def test_rope_kv(gpu, ops, arun, neox, n_rot, pos0, n_tokens):
     expect_c[1, :, pos0:pos0 + n_tokens] = heads[:, nh + nkv:].transpose(1, 0, 2)
     np.testing.assert_allclose(got_c, expect_c, rtol=0, atol=atol)
     np.testing.assert_array_equal(got_c[1], expect_c[1])  # V is copied exactly
+
+
+# -- CPU-adapter matvec (cpu_kernels.py): repacked into textures, R rows per invocation -----------
+
+@pytest.fixture(scope="module")
+def cpu_ops(gpu, arun):
+    return arun(Ops.create(gpu, head_dim=64, matrix_types=MATRIX_TYPES, embed_types=(), cpu_kernels=True))
+
+
+@pytest.mark.parametrize("qtype", MATRIX_TYPES)
+@pytest.mark.parametrize("rows,k", [(1, 64), (15, 128), (16, 576), (17, 64), (100, 1536)])
+def test_matvec_cpu_rows_and_k(gpu, cpu_ops, arun, qtype, rows, k):
+    # rows around the 16 rows of an invocation; the same tolerance as test_matvec
+    rng = np.random.default_rng(7 * rows + k + qtype)
+    w = ref.random_weights(rng, qtype, rows, k)
+    x = rng.normal(size=k).astype(np.float32)
+    wbuf = gpu.upload(w)
+    assert cpu_ops.prepare_matrix(wbuf, qtype, rows, k)  # repacked: the texture kernel runs
+    y = gpu.create_buffer(rows * 4)
+    b = gpu.batch()
+    cpu_ops.matvec(b, wbuf, f32buf(gpu, x), y, qtype=qtype, rows=rows, k=k)
+    got = run_and_read(gpu, arun, b, y, rows)
+    expect = ref.matvec(w, qtype, rows, k, x)
+    assert np.all(np.abs(got - expect) <= matvec_tol(w, qtype, rows, k, x)), np.abs(got - expect).max()
+
+
+def test_matvec_cpu_rows_fold_into_texture_columns(gpu, cpu_ops, arun):
+    # more rows than the texture is high: rows r >= H continue in a second column of texels
+    limit = gpu.info["limits"]["maxTextureDimension2D"]
+    rows, k = limit + 37, 64
+    rng = np.random.default_rng(99)
+    w = ref.random_weights(rng, Q8_0, rows, k)
+    x = rng.normal(size=k).astype(np.float32)
+    wbuf = gpu.upload(w)
+    y = gpu.create_buffer(rows * 4)
+    b = gpu.batch()
+    cpu_ops.matvec(b, wbuf, f32buf(gpu, x), y, qtype=Q8_0, rows=rows, k=k)
+    tex = cpu_ops._packs[(wbuf.uid, Q8_0, rows, k)][0]
+    assert (tex.width, tex.height) == (2 * 4, limit)
+    got = run_and_read(gpu, arun, b, y, rows)
+    expect = ref.matvec(w, Q8_0, rows, k, x)
+    assert np.all(np.abs(got - expect) <= matvec_tol(w, Q8_0, rows, k, x)), np.abs(got - expect).max()
+
+
+def test_matvec_cpu_falls_back_for_other_k(gpu, cpu_ops, arun):
+    # Q8_0 with k = 96 (not a multiple of 64) and Q4_K have no CPU kernel: the GPU kernels run
+    rng = np.random.default_rng(5)
+    w = ref.random_weights(rng, Q8_0, 9, 96)
+    wbuf = gpu.upload(w)
+    assert not cpu_ops.prepare_matrix(wbuf, Q8_0, 9, 96)
+    x = rng.normal(size=96).astype(np.float32)
+    y = gpu.create_buffer(9 * 4)
+    b = gpu.batch()
+    cpu_ops.matvec(b, wbuf, f32buf(gpu, x), y, qtype=Q8_0, rows=9, k=96)
+    got = run_and_read(gpu, arun, b, y, 9)
+    expect = ref.matvec(w, Q8_0, 9, 96, x)
+    assert np.all(np.abs(got - expect) <= matvec_tol(w, Q8_0, 9, 96, x))
+
+
+def test_matvec_cpu_edge_values_q8_0_q4_0(gpu, cpu_ops, arun):
+    # every int8 / nibble value, including -128 and the top-byte / top-nibble sign tricks
+    k, rows = 256, 20
+    rng = np.random.default_rng(11)
+    for qtype in (Q8_0, Q4_0, Q4_1):
+        raw = bytearray(ref.random_weights(rng, qtype, rows, k))
+        per, nbytes = ref.BLOCK[qtype]
+        qoff = 4 if qtype == Q4_1 else 2
+        for blk in range(rows * k // per):
+            start = blk * nbytes + qoff
+            raw[start:start + nbytes - qoff] = bytes((blk * 7 + i * 13) % 256 for i in range(nbytes - qoff))
+        raw = bytes(raw)
+        x = rng.normal(size=k).astype(np.float32)
+        y = gpu.create_buffer(rows * 4)
+        b = gpu.batch()
+        cpu_ops.matvec(b, gpu.upload(raw), f32buf(gpu, x), y, qtype=qtype, rows=rows, k=k)
+        got = run_and_read(gpu, arun, b, y, rows)
+        expect = ref.matvec(raw, qtype, rows, k, x)
+        assert np.all(np.abs(got - expect) <= matvec_tol(raw, qtype, rows, k, x)), (qtype, np.abs(got - expect).max())

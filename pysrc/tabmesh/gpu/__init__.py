@@ -10,11 +10,11 @@ The same WGSL and the same Python calling code (ops.py) run on both backends.
 
 from __future__ import annotations
 
-from .device import Batch, Buffer, Device, Kernel
+from .device import Batch, Buffer, Device, Kernel, Texture
 from .errors import GPUError, KernelCompileError, NoGPUError
 from .kernels import IN_PYODIDE, load_wgsl
 
-__all__ = ["open_device", "Device", "Buffer", "Batch", "Kernel", "GPUError", "NoGPUError",
+__all__ = ["open_device", "Device", "Buffer", "Batch", "Kernel", "Texture", "GPUError", "NoGPUError",
            "KernelCompileError", "load_wgsl", "IN_PYODIDE"]
 
 

@@ -1,14 +1,22 @@
 """Per-kernel GPU timings, matvec bandwidth, and a synthetic SmolLM2-135M decode step.
 
-    python -m tabmesh.gpu.bench [--quick] [--reps N]      (native; prints JSON)
-    await bench(dev)                                      (either backend)
+    python -m tabmesh.gpu.bench [--quick] [--reps N] [--kernels gpu|cpu]   (native; prints JSON)
+    await bench(dev)                                                        (either backend)
 
 Method: each kernel is recorded `reps` times into ONE compute pass, submitted once and
-waited for; the time of an empty submit+wait is subtracted and the rest divided by reps.
-That is the per-dispatch cost as the forward pass sees it (dispatches back to back in one
-pass, which is how decode runs), launch and encoding overhead included. Wall clock, not
-timestamp queries, so it works on every adapter. The matvec figure is weight bytes read per
-second; x and y are negligible beside the weights.
+waited for; the time of an empty submit+wait is subtracted and the rest divided by reps;
+the best of 3 rounds (5 on CPU adapters) is kept. That is the per-dispatch cost as the
+forward pass sees it (dispatches back to back in one pass, which is how decode runs), launch
+and encoding overhead included. Wall clock, not timestamp queries, so it works on every
+adapter. The matvec figure is weight bytes read per second; x and y are negligible beside
+the weights. Each "op" is what one ops.py call records: on CPU adapters a matvec with a fused
+RMSNorm is two dispatches, argmax two (see ops.py).
+
+On a CPU adapter natively (lavapipe; SwiftShader with VK_ICD_FILENAMES pointing at Chromium's
+vk_swiftshader_icd.json) the adapter's threads run in this process, so "cpu_us_per_dispatch"
+(process CPU time, same method) is also reported: on a shared machine it is far steadier than
+wall time, which other processes stretch. --kernels picks ops.py's kernel set (default: the
+adapter's own, i.e. cpu on CPU adapters).
 
 The decode step is the full per-token batch of a SmolLM2-shaped model with random weights
 (embed, 30 x [matvec QKV + fused RMSNorm, RoPE + KV append, attention, matvec O + residual,
@@ -34,21 +42,27 @@ from .reference import Q4_0, Q4_1, Q8_0, TYPE_NAMES, random_weights, row_bytes
 SMOL = dict(n_layers=30, dim=576, n_heads=9, n_kv=3, hd=64, ffn=1536, vocab=49152)
 
 
-async def _time_batch(dev: Device, record, reps: int) -> float:
-    """Seconds per dispatch of `record(batch)` repeated reps times in one pass."""
+_process_time = getattr(time, "process_time", None)  # Pyodide: no per-process CPU clock worth reading
+
+
+async def _time_batch(dev: Device, record, reps: int, rounds: int = 3) -> tuple[float, float | None]:
+    """(wall, process CPU) seconds per op of `record(batch)` repeated reps times in one pass."""
     async def once(n):
         b = dev.batch("bench")
         for _ in range(n):
             record(b)
         t = time.perf_counter()
+        c = _process_time() if _process_time else 0.0
         b.submit()
         await dev.wait()
-        return time.perf_counter() - t
+        return time.perf_counter() - t, (_process_time() - c) if _process_time else 0.0
 
     await once(1)  # warm up: pipelines, bind groups, ring buffer
-    empty = min([await once(0) for _ in range(3)])
-    best = min([await once(reps) for _ in range(3)])
-    return max(best - empty, 0.0) / reps
+    empty = [await once(0) for _ in range(3)]
+    runs = [await once(reps) for _ in range(rounds)]
+    wall = max(min(w for w, _ in runs) - min(w for w, _ in empty), 0.0) / reps
+    cpu = max(min(c for _, c in runs) - min(c for _, c in empty), 0.0) / reps
+    return wall, (cpu if _process_time else None)
 
 
 class SyntheticDecoder:
@@ -93,25 +107,33 @@ class SyntheticDecoder:
 
     async def step_times(self, pos: int, steps: int) -> dict:
         await (self.record(1, pos)).run()  # warm up bind groups
-        rec, total = [], []
+        rec, total, cpu = [], [], []
         for i in range(steps):
             t0 = time.perf_counter()
+            c0 = _process_time() if _process_time else 0.0
             b = self.record(1 + i, pos)
             t1 = time.perf_counter()
             await b.run()
             t2 = time.perf_counter()
             rec.append(t1 - t0)
             total.append(t2 - t0)
+            cpu.append((_process_time() - c0) if _process_time else 0.0)
         n_disp = len(b._dispatches)
         med = float(np.median(total))
-        return {"dispatches": n_disp, "ms_per_token": round(med * 1e3, 3), "tokens_per_s": round(1 / med, 1),
-                "ms_python_recording": round(float(np.median(rec)) * 1e3, 3),
-                "weight_mb": round(self.weight_bytes / 1e6, 1)}
+        out = {"dispatches": n_disp, "ms_per_token": round(med * 1e3, 3), "tokens_per_s": round(1 / med, 1),
+               "ms_python_recording": round(float(np.median(rec)) * 1e3, 3),
+               "weight_mb": round(self.weight_bytes / 1e6, 1)}
+        if _process_time:  # CPU adapters natively: adapter threads + Python, all cores summed
+            out["cpu_ms_per_token"] = round(float(np.median(cpu)) * 1e3, 3)
+        return out
 
 
-async def bench(dev: Device, reps: int = 50, quick: bool = False, ctx: int = 512) -> dict:
+async def bench(dev: Device, reps: int = 50, quick: bool = False, ctx: int = 512,
+                cpu_kernels: bool | None = None) -> dict:
     rng = np.random.default_rng(0)
-    ops = await Ops.create(dev, head_dim=SMOL["hd"], matrix_types=(Q4_0, Q4_1, Q8_0))
+    ops = await Ops.create(dev, head_dim=SMOL["hd"], matrix_types=(Q4_0, Q4_1, Q8_0), cpu_kernels=cpu_kernels)
+    on_cpu = bool(dev.info.get("cpu_adapter"))
+    rounds = 5 if on_cpu else 3
     d, nh, nkv, hd, ffn, vocab = (SMOL[k] for k in ("dim", "n_heads", "n_kv", "hd", "ffn", "vocab"))
     qkv_rows = (nh + 2 * nkv) * hd
     f32 = lambda n: dev.upload(rng.normal(size=n).astype(np.float32))  # noqa: E731
@@ -120,11 +142,16 @@ async def bench(dev: Device, reps: int = 50, quick: bool = False, ctx: int = 512
     cache = f32(2 * nkv * ctx * hd)
     norm_w = f32(d)
     results: dict = {"device": dev.info.get("device"), "backend": dev.info.get("backend"), "reps": reps,
+                     "kernels": "cpu" if ops.cpu else "gpu",
                      "us_per_dispatch": {}, "matvec_gbps": {}, "matmul_gflops": {}}
     us = results["us_per_dispatch"]
+    cpu_us = results["cpu_us_per_dispatch"] = {}
 
     async def timed(name, record, n=reps):
-        us[name] = round(await _time_batch(dev, record, n) * 1e6, 2)
+        wall, cpu = await _time_batch(dev, record, n, rounds)
+        us[name] = round(wall * 1e6, 2)
+        if cpu is not None:
+            cpu_us[name] = round(cpu * 1e6, 2)
 
     att = dict(n_heads=nh, n_kv_heads=nkv, head_dim=hd, ctx=ctx, k_off=0, v_off=nkv * ctx * hd, q_stride=qkv_rows)
     await timed("noop_add_1", lambda b: ops.add(b, out, hid, n=1))
@@ -139,6 +166,13 @@ async def bench(dev: Device, reps: int = 50, quick: bool = False, ctx: int = 512
                 max(2, reps // 10))
     await timed("silu_mul_1536", lambda b: ops.silu_mul(b, gu, out, n_tokens=1, n=ffn))
     await timed("argmax_49152", lambda b: ops.argmax(b, logits, out, n=vocab))
+    await timed("attention_decode_ctx24", lambda b: ops.attention(b, qkv, cache, out, n_tokens=1, pos0=23, **att))
+    if ops.cpu:  # the input of a CPU matvec into its texture (ops.py): plain, RMSNorm, SwiGLU
+        xt = ops._x_texture(ffn)
+        for mode, label in ((0, "copy"), (1, "rmsnorm"), (2, "silu")):
+            await timed(f"xprep_cpu_{label}_{d if mode < 2 else ffn}", lambda b, mode=mode: b.dispatch(
+                ops.k[f"xprep_cpu_{mode}"], (1, 1, 1), x=gu, nw=norm_w, xt=xt, k=d if mode < 2 else ffn, x_off=0,
+                up_off=ffn, eps=1e-5, x_stride=0))
 
     # (name, qtype, rows, k): the model's matrices (fused QKV and gate|up) and large ones.
     shapes = [("qkv", Q4_1, qkv_rows, d), ("wo", Q4_1, d, d), ("gate_up", Q4_1, 2 * ffn, d),
@@ -152,9 +186,12 @@ async def bench(dev: Device, reps: int = 50, quick: bool = False, ctx: int = 512
         n = reps if rows * k < 1 << 24 else max(3, reps // 10)
         key = f"matvec_{TYPE_NAMES[qtype]}_{name}_{rows}x{k}"
         await timed(key, lambda b: ops.matvec(b, w, xin, y, qtype=qtype, rows=rows, k=k), n)
-        if name == "qkv":
+        if name in ("qkv", "gate_up", "logits"):  # as decode calls them: final RMSNorm fused
             await timed(key + "_rmsnorm", lambda b: ops.matvec(b, w, xin, y, qtype=qtype, rows=rows, k=k,
                                                                 norm_weight=norm_w), n)
+        if name == "down":  # SwiGLU of a gate|up input fused
+            await timed(key + "_silu", lambda b: ops.matvec(b, w, xin, y, qtype=qtype, rows=rows, k=k,
+                                                             silu_up_off=k), n)
         secs = us[key] * 1e-6
         results["matvec_gbps"][key] = round(rows * row_bytes(qtype, k) / secs / 1e9, 1) if secs > 0 else None
         if name in ("gate_up", "big") and qtype == Q4_1:
@@ -181,12 +218,15 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     quick = "--quick" in argv
     reps = int(argv[argv.index("--reps") + 1]) if "--reps" in argv else (10 if quick else 50)
+    kernels = argv[argv.index("--kernels") + 1] if "--kernels" in argv else None
+    if kernels not in (None, "gpu", "cpu"):
+        raise SystemExit("--kernels takes gpu or cpu")
 
     async def run():
         from . import open_device
 
         dev = await open_device(backend="native")
-        return await bench(dev, reps=reps, quick=quick)
+        return await bench(dev, reps=reps, quick=quick, cpu_kernels=None if kernels is None else kernels == "cpu")
 
     print(json.dumps(asyncio.run(run()), indent=1))
 

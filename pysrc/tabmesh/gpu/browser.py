@@ -109,6 +109,27 @@ class BrowserDevice(Device):
     def _destroy_buffer(self, handle):
         handle.destroy()
 
+    def _create_texture(self, width, height, format, usage, label):
+        tex = self.device.createTexture(_js({"label": label, "size": [width, height, 1], "format": format,
+                                             "usage": usage}))
+        return tex, tex.createView()
+
+    def _destroy_texture(self, handle):
+        handle.destroy()
+
+    @staticmethod
+    def _layout_entry(binding, kind):
+        entry = {"binding": binding, "visibility": _COMPUTE}
+        if kind.startswith("storage-texture-"):
+            entry["storageTexture"] = {"access": "write-only", "format": kind[len("storage-texture-"):],
+                                       "viewDimension": "2d"}
+        elif kind.startswith("texture-"):
+            sample = {"float": "unfilterable-float", "uint": "uint", "sint": "sint"}[kind[len("texture-"):]]
+            entry["texture"] = {"sampleType": sample, "viewDimension": "2d"}
+        else:
+            entry["buffer"] = {"type": kind, "hasDynamicOffset": kind == "uniform"}
+        return entry
+
     async def _compile(self, name, source, constants, entries):
         device = self.device
         device.pushErrorScope("validation")
@@ -116,9 +137,7 @@ class BrowserDevice(Device):
         info = await module.getCompilationInfo()
         messages = [(str(m.type), f"{m.lineNum}:{m.linePos} {m.type}: {m.message}") for m in info.messages]
         layout = device.createBindGroupLayout(_js({"label": name, "entries": [
-            {"binding": b, "visibility": _COMPUTE,
-             "buffer": {"type": kind, "hasDynamicOffset": kind == "uniform"}}
-            for b, kind in entries]}))
+            self._layout_entry(b, kind) for b, kind in entries]}))
         playout = device.createPipelineLayout(_js({"label": name, "bindGroupLayouts": [layout]}))
         pipeline = device.createComputePipeline(_js({
             "label": name, "layout": playout,
@@ -131,7 +150,8 @@ class BrowserDevice(Device):
 
     def _create_bind_group(self, layout, entries):
         return self.device.createBindGroup(_js({"layout": layout, "entries": [
-            {"binding": b, "resource": {"buffer": h, "offset": 0, "size": size}} for b, h, size in entries]}))
+            {"binding": b, "resource": h if size is None else {"buffer": h, "offset": 0, "size": size}}
+            for b, h, size in entries]}))
 
     def _submit(self, commands, copies, label):
         js = self._jsmod

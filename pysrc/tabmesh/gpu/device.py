@@ -27,6 +27,11 @@ COPY_SRC = 0x4
 COPY_DST = 0x8
 UNIFORM = 0x40
 STORAGE = 0x80
+# GPUTextureUsage values.
+TEX_COPY_DST = 0x2
+TEX_BINDING = 0x4
+TEX_STORAGE = 0x8
+TEXEL_BYTES = {"rgba32uint": 16, "rgba32float": 16, "rgba32sint": 16, "r32uint": 4, "r32float": 4}
 
 UNIFORM_SLOT = 256  # >= any device's minUniformBufferOffsetAlignment (spec max is 256)
 
@@ -49,6 +54,7 @@ LIMIT_NAMES = (
 REQUESTED_LIMITS = (
     "maxBufferSize", "maxStorageBufferBindingSize", "maxComputeWorkgroupStorageSize",
     "maxStorageBuffersPerShaderStage", "maxComputeInvocationsPerWorkgroup", "maxComputeWorkgroupSizeX",
+    "maxTextureDimension2D",
 )
 
 # Optional features requested when the adapter has them (spelling of the JS API; native
@@ -67,6 +73,27 @@ class Buffer:
 
     def __repr__(self) -> str:
         return f"Buffer({self.label!r}, {self.size} B)"
+
+
+@dataclass(eq=False)
+class Texture:
+    """A 2-D texture (one mip level) and its default view; kernels read it with textureLoad
+    (`texture_2d<T>`) or write it (`texture_storage_2d<FORMAT, write>`)."""
+
+    handle: object  # GPUTexture
+    view: object  # GPUTextureView
+    width: int
+    height: int
+    format: str
+    label: str = ""
+    uid: int = field(default_factory=lambda: next(_uids))
+
+    @property
+    def nbytes(self) -> int:
+        return self.width * self.height * TEXEL_BYTES.get(self.format, 16)
+
+    def __repr__(self) -> str:
+        return f"Texture({self.label!r}, {self.width}x{self.height} {self.format})"
 
 
 @dataclass(eq=False)
@@ -103,13 +130,14 @@ class Batch:
             missing = [n for n in iface.storage_names if n not in args]
             raise TypeError(f"kernel {kernel.name!r} needs buffers {list(iface.storage_names)}; "
                             f"missing {missing}") from None
-        for b, name in zip(bufs, iface.storage_names):
-            if type(b) is not Buffer:
-                raise TypeError(f"kernel {kernel.name!r} needs buffer {name}= (a Buffer), got {b!r}")
+        for b, d in zip(bufs, iface.storage):
+            if type(b) is not (Texture if d.is_texture else Buffer):
+                what = "texture" if d.is_texture else "buffer"
+                raise TypeError(f"kernel {kernel.name!r} needs {what} {d.name}= (a {what.title()}), got {b!r}")
         if len(set(bufs)) < len(bufs):
             for i, a in enumerate(iface.storage):
                 for j in range(i):
-                    if bufs[i] is bufs[j] and "storage" in (a.kind, iface.storage[j].kind):
+                    if bufs[i] is bufs[j] and (a.writable or iface.storage[j].writable):
                         raise ValueError(f"kernel {kernel.name!r}: {bufs[i]} is bound as both {iface.storage[j].name}"
                                          f" and {a.name} while one is writable (WebGPU forbids that aliasing)")
         ubytes = iface.pack(kernel.name, args) if iface.uniform else None
@@ -194,6 +222,20 @@ class Device:
         self._bind_groups = {k: v for k, v in self._bind_groups.items() if buf not in k[1] and buf is not k[2]}
         self._destroy_buffer(buf.handle)
 
+    def create_texture(self, width: int, height: int, format: str = "rgba32uint", label: str = "",
+                       storage: bool = True) -> Texture:
+        """A 2-D texture for textureLoad (and, storage=True, for textureStore from kernels)."""
+        limit = int(self.info["limits"].get("maxTextureDimension2D", 8192))
+        if not (0 < width <= limit and 0 < height <= limit):
+            raise GPUError(f"texture {label!r} of {width}x{height} exceeds maxTextureDimension2D {limit}")
+        usage = TEX_BINDING | TEX_COPY_DST | (TEX_STORAGE if storage else 0)
+        handle, view = self._create_texture(width, height, format, usage, label)
+        return Texture(handle, view, width, height, format, label)
+
+    def destroy_texture(self, tex: Texture) -> None:
+        self._bind_groups = {k: v for k, v in self._bind_groups.items() if tex not in k[1]}
+        self._destroy_texture(tex.handle)
+
     async def read(self, buf: Buffer, offset: int = 0, nbytes: int | None = None) -> bytes:
         b = self.batch("read")
         b.read(buf, offset, nbytes)
@@ -221,8 +263,9 @@ class Device:
     def _bind_group(self, kernel: Kernel, bufs: tuple, ring: Buffer | None):
         key = (kernel, bufs, ring)  # Buffer and Kernel hash by identity
         bg = self._bind_groups.get(key)
-        if bg is None:
-            entries = [(d.binding, b.handle, b.size) for d, b in zip(kernel.interface.storage, bufs)]
+        if bg is None:  # (binding, buffer handle, size) or, for a texture, (binding, view, None)
+            entries = [(d.binding, b.view, None) if d.is_texture else (d.binding, b.handle, b.size)
+                       for d, b in zip(kernel.interface.storage, bufs)]
             if ring is not None:
                 entries.append((kernel.interface.uniform.binding, ring.handle, UNIFORM_SLOT))
             bg = self._bind_groups[key] = self._create_bind_group(kernel.layout, entries)
@@ -275,11 +318,18 @@ class Device:
     def _destroy_buffer(self, handle) -> None:  # backend
         raise NotImplementedError
 
-    async def _compile(self, name: str, source: str, constants: dict, entries: list):  # backend
-        """-> (pipeline, bind group layout); raises KernelCompileError."""
+    def _create_texture(self, width: int, height: int, format: str, usage: int, label: str):  # backend
+        """-> (GPUTexture, its default GPUTextureView)."""
         raise NotImplementedError
 
-    def _create_bind_group(self, layout, entries: list):  # backend; entries: (binding, handle, size)
+    def _destroy_texture(self, handle) -> None:  # backend
+        raise NotImplementedError
+
+    async def _compile(self, name: str, source: str, constants: dict, entries: list):  # backend
+        """entries: (binding, BindingDecl kind) -> (pipeline, bind group layout); raises KernelCompileError."""
+        raise NotImplementedError
+
+    def _create_bind_group(self, layout, entries: list):  # backend; (binding, handle, size | None: a view)
         raise NotImplementedError
 
     def _submit(self, commands: list, copies: list, label: str) -> None:  # backend

@@ -6,7 +6,8 @@ per-kernel table:
   * all resources in @group(0);
   * at most one `var<uniform>` whose type is a struct of 4-byte scalars (u32, i32, f32):
     the shapes, offsets and flags of one dispatch (never pasted into the shader text);
-  * storage buffers addressed by variable name from Python.
+  * storage buffers addressed by variable name from Python; so are textures (`texture_2d<T>`,
+    read with textureLoad) and write-only storage textures (`texture_storage_2d<FMT, write>`).
 `parse_interface` reads those declarations, so the bind group layout is explicit (which
 lets the uniform binding use a dynamic offset) and the uniform struct is packed by field
 name with a clear error for a missing or unknown field.
@@ -67,12 +68,23 @@ async def load_wgsl(name: str) -> str:
 class BindingDecl:
     binding: int
     name: str
-    kind: str  # WebGPU buffer binding type: "uniform", "storage", "read-only-storage"
+    # WebGPU buffer binding type: "uniform", "storage", "read-only-storage"; or a texture:
+    # "texture-float" / "texture-uint" / "texture-sint" (sampleType unfilterable-float, uint, sint),
+    # "storage-texture-FORMAT" (write-only, e.g. storage-texture-rgba32float)
+    kind: str
+
+    @property
+    def is_texture(self) -> bool:
+        return self.kind.startswith(("texture-", "storage-texture-"))
+
+    @property
+    def writable(self) -> bool:
+        return self.kind == "storage" or self.kind.startswith("storage-texture-")
 
 
 @dataclass(frozen=True)
 class KernelInterface:
-    storage: tuple[BindingDecl, ...]  # in binding order
+    storage: tuple[BindingDecl, ...]  # buffers and textures other than the uniform, in binding order
     uniform: BindingDecl | None
     fields: tuple[tuple[str, str], ...]  # uniform struct (name, scalar type), in order
 
@@ -129,6 +141,11 @@ _BINDING_RE = re.compile(
     r"@group\(\s*(\d+)\s*\)\s*@binding\(\s*(\d+)\s*\)\s*var\s*<\s*(uniform|storage)\s*(?:,\s*(read|read_write)\s*)?>"
     r"\s*(\w+)\s*:\s*([^;]+);"
 )
+_TEXTURE_RE = re.compile(
+    r"@group\(\s*(\d+)\s*\)\s*@binding\(\s*(\d+)\s*\)\s*var\s+(\w+)\s*:\s*"
+    r"(texture_2d\s*<\s*(f32|u32|i32)\s*>|texture_storage_2d\s*<\s*(\w+)\s*,\s*write\s*>)\s*;"
+)
+_TEXTURE_KIND = {"f32": "texture-float", "u32": "texture-uint", "i32": "texture-sint"}
 _STRUCT_RE = re.compile(r"struct\s+(\w+)\s*\{([^}]*)\}")
 _FIELD_RE = re.compile(r"(\w+)\s*:\s*(\w+)")
 
@@ -155,5 +172,11 @@ def parse_interface(name: str, source: str) -> KernelInterface:
         else:
             kind = "storage" if access == "read_write" else "read-only-storage"
             storage.append(BindingDecl(int(binding), var, kind))
+    for m in _TEXTURE_RE.finditer(text):
+        group, binding, var, _, sample, fmt = m.groups()
+        if group != "0":
+            raise ValueError(f"kernel {name!r}: only @group(0) is supported ({var} is in group {group})")
+        kind = _TEXTURE_KIND[sample] if sample else f"storage-texture-{fmt}"
+        storage.append(BindingDecl(int(binding), var, kind))
     storage.sort(key=lambda b: b.binding)
     return KernelInterface(tuple(storage), uniform, fields)

@@ -81,14 +81,32 @@ class NativeDevice(Device):
     def _destroy_buffer(self, handle):
         handle.destroy()
 
+    def _create_texture(self, width, height, format, usage, label):
+        tex = self.device.create_texture(label=label, size=(width, height, 1), format=format, usage=usage)
+        return tex, tex.create_view()
+
+    def _destroy_texture(self, handle):
+        handle.destroy()
+
+    @staticmethod
+    def _layout_entry(binding, kind, compute):
+        entry = {"binding": binding, "visibility": compute}
+        if kind.startswith("storage-texture-"):
+            entry["storage_texture"] = {"access": "write-only", "format": kind[len("storage-texture-"):],
+                                        "view_dimension": "2d"}
+        elif kind.startswith("texture-"):
+            sample = {"float": "unfilterable-float", "uint": "uint", "sint": "sint"}[kind[len("texture-"):]]
+            entry["texture"] = {"sample_type": sample, "view_dimension": "2d"}
+        else:
+            entry["buffer"] = {"type": kind, "has_dynamic_offset": kind == "uniform"}
+        return entry
+
     async def _compile(self, name, source, constants, entries):
         wgpu = self._wgpu
         try:
             module = self.device.create_shader_module(code=source, label=name)
             layout = self.device.create_bind_group_layout(label=name, entries=[
-                {"binding": b, "visibility": wgpu.ShaderStage.COMPUTE,
-                 "buffer": {"type": kind, "has_dynamic_offset": kind == "uniform"}}
-                for b, kind in entries])
+                self._layout_entry(b, kind, wgpu.ShaderStage.COMPUTE) for b, kind in entries])
             playout = self.device.create_pipeline_layout(label=name, bind_group_layouts=[layout])
             pipeline = self.device.create_compute_pipeline(
                 label=name, layout=playout, compute={"module": module, "entry_point": "main", "constants": constants})
@@ -98,7 +116,8 @@ class NativeDevice(Device):
 
     def _create_bind_group(self, layout, entries):
         return self.device.create_bind_group(layout=layout, entries=[
-            {"binding": b, "resource": {"buffer": h, "offset": 0, "size": size}} for b, h, size in entries])
+            {"binding": b, "resource": h if size is None else {"buffer": h, "offset": 0, "size": size}}
+            for b, h, size in entries])
 
     def _submit(self, commands, copies, label):
         wgpu = self._wgpu
