@@ -51,7 +51,7 @@ WS_LOOP_JS = """async (n) => {
   }
   ws.close(); return out; }"""
 
-ECHO_JS = """async ([peer, size, reps]) => { const data = new Uint8Array(size);
+ECHO_JS = """async ([peer, size, reps]) => { const data = new Uint8Array(size);  // 4 MiB each way
   for (let i = 0; i < size; i++) data[i] = (i * 2654435761) >>> 24;
   const out = [];
   for (let r = 0; r < reps; r++) { const t = performance.now(); const back = await tabmesh.echo(peer, data);
@@ -271,14 +271,27 @@ def main(argv: list[str] | None = None, root: Path | None = None) -> int:
         from .cli import repo_root
         root = repo_root()
     sections = {x.strip() for x in args.sections.split(",") if x.strip()}
-    rows = []
-    if "llm" in sections:
-        rows += bench_llm(root, args.prompt_tokens, args.decode_tokens, args.threads, args.webgpu_decode_tokens)
-    if "mesh" in sections:
+    rows, failed = [], []
+
+    def mesh() -> list[dict]:
         server = ServerThread(root)
         try:
-            rows += bench_mesh(server, args.pings)
+            return bench_mesh(server, args.pings)
         finally:
             server.stop()
+
+    runs = {"llm": lambda: bench_llm(root, args.prompt_tokens, args.decode_tokens, args.threads,
+                                     args.webgpu_decode_tokens),
+            "mesh": mesh}
+    for name, run in runs.items():
+        if name not in sections:
+            continue
+        try:
+            rows += run()
+        except Exception as exc:  # one broken section must not lose the others' figures
+            failed.append(name)
+            _progress(f"section {name} failed: {str(exc).splitlines()[0][:300]}")
+    if failed and not rows:
+        return 1
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
-    return 0
+    return 1 if failed else 0

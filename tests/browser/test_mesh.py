@@ -24,17 +24,22 @@ def test_two_tabs_connect_and_exchange_a_megabyte_intact(open_node, new_browser,
     a, b = open_pair(open_node, new_browser, room)
     payload = random.Random(11).randbytes(ONE_MB)
     digest = hashlib.sha256(payload).hexdigest()
-
-    # a → b as DATA: b's inbox holds the reassembled message
     b64 = base64.b64encode(payload).decode()  # far cheaper through Playwright than a list of ints
-    a.page.evaluate("([id, b64]) => tabmesh.send(id, Uint8Array.from(atob(b64), (c) => c.charCodeAt(0)))",
-                    [b.peer_id, b64])
-    deadline = time.monotonic() + 30
-    while not b.page.evaluate("tabmesh.inbox()"):
-        assert time.monotonic() < deadline, "1 MB never arrived"
+
+    # a → b as DATA, two messages at once (1 MiB and 2 MiB): together they overfill the
+    # channel's send buffer, so both sends wait on backpressure at the same time
+    big = random.Random(12).randbytes(2 * ONE_MB)
+    a.page.evaluate("""([id, b64s]) => Promise.all(b64s.map((b64) =>
+        tabmesh.send(id, Uint8Array.from(atob(b64), (c) => c.charCodeAt(0)))))""",
+                    [b.peer_id, [b64, base64.b64encode(big).decode()]])
+    deadline = time.monotonic() + 60
+    while len(b.page.evaluate("tabmesh.inbox()")) < 2:
+        assert time.monotonic() < deadline, "the two messages never both arrived"
         time.sleep(0.1)
-    (msg,) = b.page.evaluate("tabmesh.inbox()")
-    assert msg == {"from": a.peer_id, "size": ONE_MB, "sha256": digest}
+    inbox = b.page.evaluate("tabmesh.inbox()")
+    assert sorted(inbox, key=lambda m: m["size"]) == [
+        {"from": a.peer_id, "size": ONE_MB, "sha256": digest},
+        {"from": a.peer_id, "size": 2 * ONE_MB, "sha256": hashlib.sha256(big).hexdigest()}]
 
     # b → a → b as ECHO: both directions, bytes compared on the way back
     echoed = b.page.evaluate(

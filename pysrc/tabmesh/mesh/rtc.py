@@ -149,8 +149,16 @@ class RTCLink:
         if ch is None or ch.readyState != "open":
             raise ConnectionError(f"data channel to {self.peer_id} is not open")
         while ch.bufferedAmount > HIGH_WATER:
-            self._low = asyncio.get_event_loop().create_future()
-            await asyncio.wait_for(self._low, 30)
+            # One future shared by every task waiting on this channel: a second waiter must not
+            # replace the first one's future (that left the first to time out, its message lost).
+            if self._low is None or self._low.done():
+                self._low = asyncio.get_event_loop().create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._low), 30)
+            except asyncio.TimeoutError:
+                raise ConnectionError(f"data channel to {self.peer_id} drained nothing for 30 s") from None
+            if ch.readyState != "open":
+                raise ConnectionError(f"data channel to {self.peer_id} closed while sending")
         ch.send(js_obj(frame))
 
     def close(self) -> None:
