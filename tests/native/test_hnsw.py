@@ -86,7 +86,6 @@ def test_recall_clustered_10k_with_incremental_batches(big):
     assert len(index) == 10_000
     assert big["recall_8k"] >= 0.95
     assert recall(index, big["Q"]) >= 0.95                 # after 4 incremental batches
-    print(f"recall@10 at 8k {big['recall_8k']:.4f}, at 10k {recall(index, big['Q']):.4f}")
     found, scores = index.search(big["X"][123], 10)
     assert found[0] == big["ids"][123] and scores[0] == pytest.approx(1, abs=1e-5)
     assert np.all(np.diff(scores) <= 0)
@@ -97,7 +96,8 @@ def test_graph_shape(big):
     meta, levels = snap["meta"], snap["levels"]
     M = index.M
     assert snap["count0"].max() <= 2 * M and snap["upper_count"].max(initial=0) <= M
-    assert meta["max_level"] == levels.max() and levels[snap["slots"] == meta["entry"]] == levels.max()
+    assert meta["max_level"] == levels.max()
+    assert levels[snap["slots"] == meta["entry"]] == levels.max()
     # levels are geometric with p = 1/M: about n/M nodes above layer 0
     assert 0.5 * 10_000 / M < (levels >= 1).sum() < 1.5 * 10_000 / M
     assert snap["count0"].min() >= 1
@@ -180,8 +180,9 @@ def test_graph_matches_hnswlib_algorithm():
     ref = reference_graph(X, levels, 4, 12)
     starts = np.concatenate([[0], np.cumsum(levels)])
     for node, level in enumerate(levels):
+        rows = range(starts[node], starts[node + 1])
         ours = [snap["links0"][node, :snap["count0"][node]]] + [
-            snap["upper_links"][r, :snap["upper_count"][r]] for r in range(starts[node], starts[node + 1])]
+            snap["upper_links"][r, :snap["upper_count"][r]] for r in rows]
         assert [sorted(x.tolist()) for x in ours] == [sorted(x) for x in ref[node]], node
 
 
@@ -298,7 +299,8 @@ CORRUPTIONS = {
     "dtype": (lambda s: s.update(links0=s["links0"].astype(np.int64)), "links0 must be"),
     "shape": (lambda s: s.update(vectors=s["vectors"][:, :7].copy()), "vectors has shape"),
     "truncated": (lambda s: s.update(ids=s["ids"][:-1].copy()), "ids has shape"),
-    "upper rows": (lambda s: s.update(upper_count=s["upper_count"][:-1].copy()), "upper_count has shape"),
+    "upper rows": (lambda s: s.update(upper_count=s["upper_count"][:-1].copy()),
+                   "upper_count has shape"),
     "slot range": (_set("slots", 0, 10_000), "slots must lie"),
     "slot repeat": (lambda s: _set("slots", 1, s["slots"][0])(s), "slots repeat"),
     "level range": (_set("levels", 0, 99), "levels must lie"),
@@ -317,7 +319,8 @@ CORRUPTIONS = {
     "duplicate id": (_set("ids", 1, 150), "same id"),
     "dropped node": (lambda s: _drop_node(s), "count"),
     "upper link below layer": (lambda s: _set("upper_links", (int(np.argmax(s["upper_count"])), 0),
-                                              int(s["slots"][np.argmin(s["levels"])]))(s), "below layer"),
+                                              int(s["slots"][np.argmin(s["levels"])]))(s),
+                               "below layer"),
     "lowered level": (lambda s: _set("levels", _top(s), 0)(s), "upper_count has shape"),
 }
 
@@ -420,7 +423,8 @@ def test_tab_closed_mid_ingest_restores_last_commit():
     reloaded = HNSW.restore(_from_records(meta, store))
     same_batch(reloaded.snapshot(), committed)
     q = rng.standard_normal((5, 8))
-    assert np.array_equal(reloaded.search_many(q, 5)[0], HNSW.restore(committed).search_many(q, 5)[0])
+    expected = HNSW.restore(committed).search_many(q, 5)[0]
+    assert np.array_equal(reloaded.search_many(q, 5)[0], expected)
 
 
 # --- bad input ----------------------------------------------------------------------------

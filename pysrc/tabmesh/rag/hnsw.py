@@ -1,19 +1,29 @@
 """HNSW (Malkov & Yashunin 2016) over cosine similarity, in numpy, with incremental insert
 and delete, and a persistence format built for IndexedDB.
 
-Search and build follow hnswlib: levels drawn with mL = 1/ln(M); a new node links to at
-most M neighbours per layer chosen by the neighbour-selection heuristic (paper alg. 4,
-without "keep pruned"); a neighbour whose list overflows (M on upper layers, 2M on layer 0)
-is pruned with the same heuristic. Python only walks the heaps: each expanded node's
-neighbour block is filtered against a visited-tag array, gathered and scored with one
-matvec. Vectors are L2-normalized float32, so similarity is a dot product; scores returned
-are cosine similarities, best first.
+Build and search are hnswlib's: levels drawn with mL = 1/ln(M) (from a generator seeded by
+(seed, items added so far), so a restored index grows exactly as the original would); a
+new node links to at most M neighbours per layer, chosen among the ef_construction best
+found by the neighbour-selection heuristic (paper alg. 4, without "keep pruned"); a
+neighbour whose list overflows (M on upper layers, 2M on layer 0) is pruned with the same
+heuristic. With ``_beam = 1`` the graph equals hnswlib's link for link given the same
+levels (tests/native/test_hnsw.py checks it against a transcription of hnswalg.h).
+
+Python only walks a sorted result pool: each step expands ``_beam`` (default 4) nodes at
+once, filters their neighbour blocks against a visited-tag array, and scores the rest with
+one gather and one matvec. Expanding four at a time cuts the numpy calls per search almost
+fourfold and scores a few more nodes, so recall at a given ef is the same or higher.
+Vectors are L2-normalized float32, so similarity is a dot product; scores returned are
+cosine similarities, best first. On one core of an idle server (CPython 3.12) 10k x 384
+vectors build in ~10 s (M=16, ef_construction=100) and a query takes ~0.5 ms at ef=50;
+Pyodide runs the same code 2-3x slower.
 
 Delete repairs the graph at once instead of leaving tombstones: every live node that
 linked to a deleted node takes as candidates its other neighbours plus the deleted node's
-neighbours (FreshDiskANN's delete consolidation) and re-selects with the heuristic; the
-deleted slots are then freed and reused by later inserts. Deleted items can never be
-returned, and no live node links to a free slot.
+neighbours (FreshDiskANN's delete consolidation) and re-selects with the heuristic (a node
+left with no candidate searches the layer for new ones); the deleted slots are then freed
+and reused by later inserts. Deleted items can never be returned, and no live node links
+to a free slot.
 
 Persistence: node batches
 -------------------------
@@ -34,7 +44,10 @@ Everything persisted is a *node batch*, a dict of flat numpy arrays plus ``"meta
     upper_links   (R, M) int32      upper-layer neighbours; -1 after the count
 
 Upper rows are grouped by node in batch order, layers 1..level, so R = sum(max(level, 0))
-and node i's rows start at the cumulative sum of the levels before it.
+and node i's rows start at the cumulative sum of the levels before it. Arrays are
+little-endian and C-ordered (in JS: Int32Array, BigInt64Array for ids, Int8Array,
+Float32Array). There is no separate deleted list: a slot below n_slots is free when its
+level is -1, or when a snapshot does not list it.
 
 ``snapshot()`` is the batch of every live slot (a slot below n_slots that it does not list
 is free). ``export_nodes(dirty_since(mark))`` is the batch of every slot changed since
@@ -425,7 +438,8 @@ class HNSW:
         sims = X @ self._vecs[node]
         order = np.argsort(-sims, kind="stable")
         max_degree = 2 * self.M if level == 0 else self.M
-        self._store(table, counts, row, self._select(cand[order], sims[order], X[order], max_degree))
+        chosen = self._select(cand[order], sims[order], X[order], max_degree)
+        self._store(table, counts, row, chosen)
         self._touched[node] = self._version
 
     # --- change tracking and persistence --------------------------------------------------
