@@ -36,6 +36,22 @@ class ContextLengthError(TabmeshError):
     code = "context_length_exceeded"
 
 
+def check_span(n_tokens: int, start_pos: int, n_ctx: int, n_past: int, n_ctx_train: int) -> int:
+    """Positions start_pos .. start_pos + n_tokens - 1 must fit the KV cache (n_ctx) and follow
+    what it holds (n_past positions: rewriting from earlier is allowed, skipping is not).
+    Returns the end position. Shared by every backend so they fail alike."""
+    end = start_pos + n_tokens
+    if end > n_ctx:
+        raise ContextLengthError(
+            f"{n_tokens} tokens at position {start_pos} need {end} positions, over the context of "
+            f"{n_ctx} (model trained for {n_ctx_train}); shorten the prompt or the conversation, "
+            f"or load the model with a larger n_ctx")
+    if not 0 <= start_pos <= n_past:
+        raise ValueError(f"start_pos {start_pos} must be in 0..{n_past}: the KV cache holds "
+                         f"{n_past} positions, and positions cannot be skipped")
+    return end
+
+
 @dataclass(frozen=True)
 class ArchInfo:
     rope_layout: str  # "normal" (adjacent pairs) or "neox" (halves), llama.cpp's LLAMA_ROPE_TYPE_*

@@ -60,7 +60,7 @@ from tabmesh.gpu.device import Batch, Buffer, Device
 from tabmesh.gpu.ops import EMBED_TYPES, MATMUL_TYPES, MATRIX_TYPES, Ops
 from tabmesh.gpu.reference import F32, TYPE_NAMES
 
-from .config import ContextLengthError, LlamaConfig, ModelConfigError
+from .config import ContextLengthError, LlamaConfig, ModelConfigError, check_span
 from .weights import check_layers, tensors_needed
 
 # Pyodide has no time.thread_time; fall back to wall time there.
@@ -338,14 +338,7 @@ class GPULlama:
             if tokens is not None and len(tokens) not in (0, x.shape[0]):
                 raise ValueError(f"{len(tokens)} tokens but hidden_in holds {x.shape[0]} rows")
         n = x.shape[0]
-        if start_pos + n > self.n_ctx:
-            raise ContextLengthError(
-                f"{n} tokens at position {start_pos} need {start_pos + n} positions, over the context of "
-                f"{self.n_ctx} this model was loaded with (trained for {cfg.n_ctx_train}); shorten the prompt "
-                f"or the conversation, or load with a larger n_ctx")
-        if not 0 <= start_pos <= self.n_past:
-            raise ValueError(f"start_pos {start_pos} must be in 0..{self.n_past}: the KV cache holds positions "
-                             f"0..{self.n_past - 1}, and positions cannot be skipped")
+        check_span(n, start_pos, self.n_ctx, self.n_past, cfg.n_ctx_train)
         return n, x
 
     async def forward(self, tokens: Sequence[int] | None, start_pos: int, *, output: str = "logits",

@@ -48,7 +48,7 @@ from typing import Sequence
 import numpy as np
 
 from . import ggml_numerics
-from .config import ContextLengthError, LlamaConfig
+from .config import ContextLengthError, LlamaConfig, check_span
 from .weights import ModelWeights, check_layers, weights_from_path
 
 DEFAULT_MAX_CTX = 2048  # default KV cache length when n_ctx is not given (memory, not a model limit)
@@ -194,15 +194,7 @@ class NumpyLlama:
         cfg = self.cfg
         h = self._input(x)  # (T, n_embd)
         n_tokens = h.shape[0]
-        end = start_pos + n_tokens
-        if end > self.n_ctx:
-            raise ContextLengthError(
-                f"{n_tokens} tokens at position {start_pos} need {end} positions, over the "
-                f"context of {self.n_ctx} (model trained for {cfg.n_ctx_train}); shorten the "
-                f"prompt or the conversation, or load the model with a larger n_ctx")
-        if not 0 <= start_pos <= self.n_past:
-            raise ValueError(f"start_pos {start_pos} must be in 0..{self.n_past}: the KV cache "
-                             f"holds {self.n_past} positions, and positions cannot be skipped")
+        end = check_span(n_tokens, start_pos, self.n_ctx, self.n_past, cfg.n_ctx_train)
         if self.numerics == "ggml":
             g = ggml_numerics
             norm, mms, rot, att_fn, glu, kv_round = (g.rmsnorm, g.matmuls, g.rope, g.attention,
