@@ -30,6 +30,7 @@ from yarl import URL
 from tabmesh import __version__
 from tabmesh.mesh import signal_messages as sm
 
+from . import gateway as api_gateway
 from .rooms import Hub, HubLimits, Peer
 from .static import StaticFiles
 
@@ -62,6 +63,9 @@ class ServerConfig:
     outbox_max_bytes: int = 1 << 20   # queued bytes per connection before it counts as too slow
     csp: str = DEFAULT_CSP
     extra_origins: tuple[str, ...] = ()  # WebSocket origins allowed besides the server's own
+    api_key: str | None = None        # required on /v1/ and /api/worker when set
+    api_max_queue: int = 16           # requests waiting for a free tab before 429
+    api_queue_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -248,11 +252,13 @@ def make_app(config: ServerConfig) -> web.Application:
     app.on_cleanup.append(on_cleanup)
     app.router.add_get("/ws", websocket_handler)
     app.router.add_get("/healthz", healthz)
+    api_gateway.install(app, api_gateway.Gateway(config.api_key, config.api_max_queue, config.api_queue_timeout_s))
     app.router.add_routes(static.routes())
     return app
 
 
 async def start(config: ServerConfig) -> tuple[web.AppRunner, web.TCPSite, int]:
+    api_gateway.require_key_off_loopback(config.host, config.api_key)
     runner = web.AppRunner(make_app(config), access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)

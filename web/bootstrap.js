@@ -82,6 +82,8 @@ window.tabmesh = {
     benchmark: (opts) => call("llmBenchmark", opts),
     info: () => callSync("llmInfo", null),
   },
+  embed: (texts, opts) => call("embed", texts, opts || {}),
+  api: { serve: (on = true) => call("apiServe", on), status: () => callSync("apiStatus", null) },
   debug: { sendRawFrame: (peerId, bytes) => call("sendRawFrame", peerId, bytes) },
   errors: [],
   _register(name, fn) { handlers.set(name, fn); },

@@ -32,13 +32,17 @@ def cmd_setup(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    from signaling.gateway import api_key_from_env, require_key_off_loopback
     from signaling.server import ServerConfig, serve
     root = repo_root()
+    api_key = api_key_from_env(args.api_key)
+    require_key_off_loopback(args.host, api_key)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"tabmesh: listening on {args.host}: anyone who can reach it can join rooms", file=sys.stderr)
     config = ServerConfig(host=args.host, port=args.port, root=root,
                           models_dir=Path(args.models).resolve() if args.models else root / "models",
-                          heartbeat_interval_s=args.heartbeat_interval, heartbeat_timeout_s=args.heartbeat_timeout)
+                          heartbeat_interval_s=args.heartbeat_interval, heartbeat_timeout_s=args.heartbeat_timeout,
+                          api_key=api_key, api_max_queue=args.max_queue)
     serve(config)
     return 0
 
@@ -105,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", help="a folder of GGUF files to serve (default: the models setup fetched)")
     p.add_argument("--heartbeat-interval", type=float, default=2.0, help="seconds between client heartbeats")
     p.add_argument("--heartbeat-timeout", type=float, default=6.0, help="drop a peer silent this long (s)")
+    p.add_argument("--api-key", help="key the OpenAI endpoint /v1/ requires (default: $TABMESH_API_KEY); "
+                                     "required when --host is not a loopback address")
+    p.add_argument("--max-queue", type=int, default=16, help="API requests waiting for a free tab before 429")
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("generate", help="generate with the page's engine in headless Chromium")

@@ -27,6 +27,7 @@ class LLMService:
     def __init__(self, device, on_status=lambda text: None, on_progress=lambda done, total: None):
         self.device = device
         self.on_status, self.on_progress = on_status, on_progress
+        self.on_loaded = lambda: None     # e.g. tell the API gateway this tab now holds the model
         self.loaded = None
         self.client: Client | None = None
         self._streams: dict[str, object] = {}
@@ -63,6 +64,7 @@ class LLMService:
             log.warning("%s", w)
         self.on_status(f"{model} ready on {backend} in {self.loaded.load_s:.1f} s "
                        f"({self.loaded.bytes_read / 1e6:.1f} MB, {self.loaded.cache_hits} pieces from the browser cache)")
+        self.on_loaded()
         return self.info()
 
     def info(self) -> dict | None:

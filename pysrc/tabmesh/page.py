@@ -11,6 +11,8 @@ import sys
 import time
 
 from .jsbridge import IN_PYODIDE, ProxyBag, TaskSet, js, js_error_message, js_obj, py_bytes
+from .api_worker import ApiWorker, BrowserWorkerSocket, TabServices
+from .embed_service import EmbedService
 from .llm_page import ChatPanel, LLMService
 from .mesh.node import Node
 from .mesh.rtc import RTCLink
@@ -91,6 +93,7 @@ class Page:
         self.gpu_info = None
         self.selftest = None
         self._render_pending = False
+        self.api_socket = None
 
     async def start(self) -> None:
         params = js.URLSearchParams.new(js.location.search)
@@ -104,6 +107,9 @@ class Page:
         self.llm = LLMService(self.device, on_status=lambda text: self.ui.field("model-status", text),
                               on_progress=self._model_progress)
         self.chat = ChatPanel(self.llm, self.proxies, self.tasks, self.ui.error)
+        self.embed = EmbedService(self.device, on_status=lambda text: log.info("%s", text),
+                                  on_progress=self._model_progress)
+        self.llm.on_loaded = lambda: self.api_socket and self.tasks.spawn(self.api_socket.refresh(), "API status")
         self.tasks.spawn(self.chat.populate(), "list models")
         self.ui.status(f"joining room {room}…")
         scheme = "wss" if js.location.protocol == "https:" else "ws"
@@ -120,10 +126,52 @@ class Page:
         self.proxies_unload = self.proxies(lambda _ev: self.close())
         js.window.addEventListener("pagehide", self.proxies_unload)
         self.ui.status(f"connected as {welcome['peerId']} in room {room}", done=True)
+        serve_box = js.document.getElementById("serve-api")
+        serve_box.addEventListener("change", self.proxies(lambda _ev: self._toggle_api(serve_box.checked)))
+        if (params.get("serve") or "").lower() in ("1", "true", "yes"):
+            serve_box.checked = True
+            self._toggle_api(True)
         gpu = None
         if self.gpu_info is not None:
             gpu = {k: self.gpu_info[k] for k in ("vendor", "architecture", "features", "limits")}
         js.window.tabmesh._ready(js_obj({"peerId": welcome["peerId"], "room": room, "gpu": gpu}))
+
+    # ---- serving the server's OpenAI endpoint (signaling/gateway.py) ------------------------
+    def _api_key(self) -> str | None:
+        """From the URL fragment (#key=…: never sent to a server, never logged), then
+        removed from the address bar so it does not linger in history."""
+        frag = js.URLSearchParams.new(str(js.location.hash)[1:])
+        key = frag.get("key")
+        if key:
+            self._key = key
+            js.history.replaceState(None, "", str(js.location.pathname) + str(js.location.search))
+        return getattr(self, "_key", None)
+
+    def _toggle_api(self, on: bool) -> None:
+        if on and self.api_socket is None:
+            scheme = "wss" if js.location.protocol == "https:" else "ws"
+            worker = ApiWorker(TabServices(self.llm, self.embed), send=lambda msg: None)
+            self.api_socket = BrowserWorkerSocket(
+                f"{scheme}://{js.location.host}/api/worker", worker, worker.service.offers, self._api_key(),
+                on_state=lambda text: self.ui.field("api-status", text))
+            self.tasks.spawn(self.api_socket.run(), "API worker")
+        elif not on and self.api_socket is not None:
+            self.api_socket.close()
+            self.api_socket = None
+            self.ui.field("api-status", "off")
+
+    async def _api_serve(self, on=True) -> dict:
+        self._toggle_api(bool(on))
+        js.document.getElementById("serve-api").checked = bool(on)
+        if self.api_socket is not None:
+            await asyncio.wait_for(asyncio.shield(self.api_socket.connected), 30)
+        return self._api_status()
+
+    def _api_status(self) -> dict:
+        s = self.api_socket
+        return {"serving": s is not None and s.connected.done() and not s.connected.exception(),
+                "workerId": s.worker.worker_id if s else None, "served": s.worker.served if s else 0,
+                "running": len(s.worker.running) if s else 0}
 
     def _model_progress(self, done: int, total: int) -> None:
         bar = js.document.getElementById("model-progress")
@@ -240,7 +288,25 @@ class Page:
             self._async_handler(name, fn)
         self._sync_handler("llmInfo", llm.info)
 
+        async def embed(texts, opts=None):
+            texts = texts.to_py() if hasattr(texts, "to_py") else texts
+            opts = as_dict(opts) if opts is not None else {}
+            if isinstance(texts, str) or not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+                from .api_errors import InvalidRequestError
+                raise InvalidRequestError("embed takes a list of strings", param="input")
+            if opts.get("model") or opts.get("backend") or self.embed.model_id is None:
+                await self.embed.load(opts.get("model"), opts.get("backend"))
+            vectors, n_tokens = await self.embed.embed(texts)
+            return {"model": self.embed.model_id, "backend": self.embed.backend, "tokens": n_tokens,
+                    "vectors": [[float(x) for x in row] for row in vectors]}
+
+        self._async_handler("embed", embed)
+        self._async_handler("apiServe", self._api_serve)
+        self._sync_handler("apiStatus", self._api_status)
+
     def close(self) -> None:
+        if self.api_socket is not None:
+            self.api_socket.close()
         if self.node is not None:
             self.node.close()
         if self.signaling is not None:
