@@ -144,6 +144,11 @@ class Gateway:
             raise GatewayError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>` "
                                     "with the key `tabmesh serve --api-key` was given.", code="invalid_api_key")
 
+    def snapshot(self) -> dict:
+        return {"workers": len(self.workers), "slots": sum(w.slots for w in self.workers.values()),
+                "busy": sum(len(w.active) for w in self.workers.values()), "queued": len(self.waiters),
+                "droppedFrames": self.dropped_frames, **self.stats}
+
     # ---- catalogue -----------------------------------------------------------------------
     def model_ids(self) -> list[dict]:
         seen: dict[str, dict] = {}

@@ -196,7 +196,7 @@ async def healthz(request: web.Request) -> web.Response:
     uptime = asyncio.get_running_loop().time() - app[STARTED_KEY][0]
     return web.json_response({"ok": True, "version": __version__, "rooms": stats["rooms"],
                               "peers": stats["peers"], "connections": stats["connections"],
-                              "uptime_s": round(uptime, 3)})
+                              "uptime_s": round(uptime, 3), "api": app[api_gateway.GATEWAY_KEY].snapshot()})
 
 
 def _spawn(app: web.Application, coro) -> asyncio.Task:

@@ -90,6 +90,22 @@ def cmd_tokenize(args) -> int:
     return 0
 
 
+def cmd_node(args) -> int:
+    import json
+    import signal
+    from signaling.gateway import api_key_from_env
+    from .headless import run_node
+    stop = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.append(True))
+
+    def emit(event: dict) -> None:
+        print(json.dumps(event), flush=True)
+    return run_node(args.server, args.room, api_key=api_key_from_env(args.api_key), model=args.model,
+                    backend=args.backend, serve_api=not args.no_api, headless=args.headless, emit=emit,
+                    should_stop=lambda: bool(stop))
+
+
 def cmd_bench(args) -> int:
     from . import bench
     return bench.main(args.rest, root=repo_root())
@@ -132,6 +148,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parse-special", action="store_true", help="recognise special tokens written in TEXT")
     p.add_argument("text")
     p.set_defaults(fn=cmd_tokenize)
+
+    p = sub.add_parser("node", help="run one browser node that joins a room and serves the mesh and the API")
+    p.add_argument("--server", default="http://127.0.0.1:8000/", help="the tabmesh server's URL")
+    p.add_argument("--room", default="lobby")
+    p.add_argument("--headless", action=argparse.BooleanOptionalAction, default=True,
+                   help="headless Chromium (default); --no-headless shows the window")
+    p.add_argument("--model", help="a model file the server serves (default: its first GGUF)")
+    p.add_argument("--backend", choices=("webgpu", "numpy"), help="default: WebGPU when the browser has it")
+    p.add_argument("--api-key", help="the server's API key (default: $TABMESH_API_KEY)")
+    p.add_argument("--no-api", action="store_true", help="join the mesh only; do not serve /v1/ requests")
+    p.set_defaults(fn=cmd_node)
 
     p = sub.add_parser("bench", help="measure in headless Chromium against references; prints a table",
                        add_help=False)

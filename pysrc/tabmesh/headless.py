@@ -115,3 +115,57 @@ class HeadlessTab:
                 closer()
             except Exception:
                 pass
+
+
+def node_url(server: str, room: str, api_key: str | None, serve_api: bool = True) -> str:
+    """The page URL a node opens. The key goes in the fragment: browsers never send it to the
+    server (no log line has it) and the page removes it from the address bar."""
+    from urllib.parse import quote, urlencode
+    base = server if server.endswith("/") else server + "/"
+    query = {"room": room, **({"serve": "1"} if serve_api else {})}
+    return f"{base}?{urlencode(query)}" + (f"#key={quote(api_key, safe='')}" if api_key else "")
+
+
+def run_node(server: str, room: str, *, api_key: str | None = None, model: str | None = None,
+             backend: str | None = None, serve_api: bool = True, headless: bool = True,
+             boot_timeout_s: float = 180.0, emit=print, should_stop=lambda: False) -> int:
+    """One Chromium tab of the app at `server` that joins `room`, loads a model and serves
+    the API until `should_stop()` or the tab dies. Emits JSON-able event dicts."""
+    from playwright.sync_api import Error as PlaywrightError
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(**{**launch_args(), "headless": headless})
+        try:
+            page = browser.new_context().new_page()
+            page.set_default_timeout(boot_timeout_s * 1000)
+            died: list[str] = []
+            page.on("crash", lambda _p: died.append("the tab crashed"))
+            page.on("close", lambda _p: died.append("the tab was closed"))
+            page.on("pageerror", lambda err: emit({"event": "page-error", "message": str(err)}))
+            page.goto(node_url(server, room, api_key, serve_api))
+            info = page.evaluate("tabmesh.ready")
+            gpu = info.get("gpu") or {}
+            emit({"event": "joined", "peerId": info["peerId"], "room": info["room"],
+                  "gpu": {k: gpu.get(k) for k in ("vendor", "architecture")} if gpu else None})
+            opts = {k: v for k, v in (("model", model), ("backend", backend)) if v}
+            loaded = page.evaluate("(o) => tabmesh.llm.load(o)", opts)
+            api = page.evaluate("tabmesh.api.serve(true)") if serve_api else None
+            emit({"event": "ready", "model": loaded["model"], "backend": loaded["backend"],
+                  "loadS": loaded["loadS"], "api": api})
+            while not should_stop() and not died:
+                page.wait_for_timeout(250)
+                for text in page.evaluate("tabmesh.errors.splice(0)"):
+                    emit({"event": "page-error", "message": text})
+            if died:
+                emit({"event": "stopped", "reason": died[0]})
+                return 1
+            emit({"event": "stopped", "reason": "asked to stop"})
+            return 0
+        except PlaywrightError as exc:
+            emit({"event": "failed", "message": str(exc).splitlines()[0]})
+            return 1
+        finally:
+            try:
+                browser.close()
+            except PlaywrightError:
+                pass

@@ -51,3 +51,31 @@ def wrapper_script(name: str, executable: str, path: str) -> str:
         f.write(f'#!/bin/sh\nexec ip netns exec {name} {executable} "$@"\n')
     os.chmod(path, 0o755)
     return path
+
+
+def call_in(name: str | None, fn, *args, timeout_s: float = 300.0):
+    """Run fn(*args) in a fresh thread that has entered the namespace `name` (or here when
+    None): the test process's own sockets (an HTTP client) then reach the server inside."""
+    if not name:
+        return fn(*args)
+    import ctypes
+    import threading
+    result: dict = {}
+
+    def target():
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            with open(f"/var/run/netns/{name}") as f:
+                if libc.setns(f.fileno(), 0x40000000) != 0:  # CLONE_NEWNET: this thread only
+                    raise OSError(ctypes.get_errno(), f"setns into {name} failed")
+            result["value"] = fn(*args)
+        except BaseException as exc:  # handed to the caller
+            result["error"] = exc
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        raise TimeoutError(f"{getattr(fn, '__name__', fn)} did not finish within {timeout_s} s")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
