@@ -14,8 +14,10 @@ gateway as in the page.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
+import time
 from typing import Callable
 
 from .api_errors import openai_error
@@ -33,6 +35,7 @@ class ApiWorker:
         self.streams: dict[str, str] = {}     # request id -> the service's stream id
         self.served = 0
         self.worker_id: str | None = None
+        self.chunk_times: collections.deque = collections.deque(maxlen=512)  # (rid, wall clock s) per chunk sent
 
     def hello(self, offers: dict, api_key: str | None) -> dict:
         return {"type": "hello", "version": PROTOCOL_VERSION, "apiKey": api_key, "slots": self.slots, **offers}
@@ -88,6 +91,7 @@ class ApiWorker:
                 if step["done"]:
                     break
                 self.send({"type": "chunk", "id": rid, "data": step["value"]})
+                self.chunk_times.append((rid, time.time()))
         finally:
             await self.service.chat_close(sid, False)
         self.send({"type": "end", "id": rid})

@@ -10,6 +10,11 @@ and their ratio. Sections:
          WebSocket ping/pong through the signaling server (what a server-relayed design pays
          per hop); 4 MiB echo over the data channel against the same bytes fetched over HTTP
          from the local server.
+  gateway  the OpenAI endpoint: one streamed greedy answer through `/v1/chat/completions`
+         (the official openai client) against the same request made in the tab itself
+         (window.tabmesh.chat.completions.create): ms per token and time to first token,
+         plus the latency the gateway adds to each token (the tab's send time to the
+         client's receive time, same machine clock).
 Progress goes to stderr; the table to stdout (and --json prints the rows as JSON).
 """
 from __future__ import annotations
@@ -144,6 +149,66 @@ def bench_mesh(server: ServerThread, pings: int) -> list[dict]:
     return rows
 
 
+DIRECT_STREAM_JS = """async (req) => { const t0 = performance.now(); const times = [];
+  const stream = await tabmesh.chat.completions.create(req);
+  for await (const chunk of stream) { if (chunk.choices.length && chunk.choices[0].delta.content) times.push(performance.now() - t0); }
+  return times.map((t) => t / 1000); }"""
+
+
+def _per_token(times: list[float]) -> float:
+    """Mean ms between streamed tokens after the first (the decode rate a client sees)."""
+    return 1000 * (times[-1] - times[0]) / max(1, len(times) - 1)
+
+
+def bench_gateway(server: ServerThread, n_tokens: int, reps: int) -> list[dict]:
+    import openai
+    from playwright.sync_api import sync_playwright
+    req = {"model": None, "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
+           "max_tokens": n_tokens, "temperature": 0, "stream": True}
+    rows = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(**launch_args())
+        try:
+            page = browser.new_context().new_page()
+            page.goto(f"{server.url}?room=bench-{secrets.token_hex(3)}&serve=1")
+            page.evaluate("tabmesh.ready")
+            _progress("gateway: loading the model in the serving tab…")
+            req["model"] = page.evaluate("tabmesh.llm.load({})")["model"]
+            page.evaluate("tabmesh.api.serve(true)")
+            client = openai.OpenAI(base_url=server.url + "v1", api_key="none", max_retries=0, timeout=600)
+            direct, via, added = [], [], []
+            for rep in range(reps + 1):   # the first of each is a warm-up (prefix cache, JIT)
+                _progress(f"gateway: run {rep + 1}/{reps + 1} in the tab, then through /v1/…")
+                d = page.evaluate(DIRECT_STREAM_JS, req)
+                t0, got = time.perf_counter(), []
+                recv = []
+                for chunk in client.chat.completions.create(**req):
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        got.append(time.perf_counter() - t0)
+                        recv.append(time.time())
+                sent = [t for _rid, t in page.evaluate("tabmesh.api.status()")["chunkTimes"]]
+                if rep == 0:
+                    continue
+                direct.append(d)
+                via.append(got)
+                # chunks with content are all but the final (finish_reason) one, in order
+                added += [1000 * (r - s) for r, s in zip(recv, sent[-(len(recv) + 1):])]
+        finally:
+            browser.close()
+    ms_d = statistics.median(_per_token(t) for t in direct)
+    ms_v = statistics.median(_per_token(t) for t in via)
+    ttft_d = statistics.median(t[0] for t in direct)
+    ttft_v = statistics.median(t[0] for t in via)
+    rows.append({"section": "gateway", "figure": f"ms per streamed token ({n_tokens} tokens)", "ours": ms_v,
+                 "reference": ms_d, "reference_name": "same request inside the tab", "ratio": ms_d / ms_v})
+    rows.append({"section": "gateway", "figure": "time to first token (s)", "ours": ttft_v,
+                 "reference": ttft_d, "reference_name": "same request inside the tab", "ratio": ttft_d / ttft_v})
+    for q, name in ((0.5, "p50"), (0.99, "p99")):
+        rows.append({"section": "gateway", "figure": f"latency added per token, tab -> client {name} (ms)",
+                     "ours": percentile(added, q)})
+    return rows
+
+
 BENCH_TEXT = (
     "The history of the printing press begins in the middle of the fifteenth century, when Johannes "
     "Gutenberg, a goldsmith from Mainz, combined a screw press with movable metal type, oil-based ink "
@@ -259,7 +324,9 @@ def format_table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None, root: Path | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tabmesh bench")
     parser.add_argument("--pings", type=int, default=200)
-    parser.add_argument("--sections", default="llm,mesh", help="comma-separated: llm, mesh")
+    parser.add_argument("--sections", default="llm,mesh,gateway", help="comma-separated: llm, mesh, gateway")
+    parser.add_argument("--gateway-tokens", type=int, default=32)
+    parser.add_argument("--gateway-reps", type=int, default=3)
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--webgpu-decode-tokens", type=int, default=128,
@@ -280,9 +347,16 @@ def main(argv: list[str] | None = None, root: Path | None = None) -> int:
         finally:
             server.stop()
 
+    def gateway() -> list[dict]:
+        server = ServerThread(root)
+        try:
+            return bench_gateway(server, args.gateway_tokens, args.gateway_reps)
+        finally:
+            server.stop()
+
     runs = {"llm": lambda: bench_llm(root, args.prompt_tokens, args.decode_tokens, args.threads,
                                      args.webgpu_decode_tokens),
-            "mesh": mesh}
+            "mesh": mesh, "gateway": gateway}
     for name, run in runs.items():
         if name not in sections:
             continue

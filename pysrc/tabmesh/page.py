@@ -171,7 +171,8 @@ class Page:
         s = self.api_socket
         return {"serving": s is not None and s.connected.done() and not s.connected.exception(),
                 "workerId": s.worker.worker_id if s else None, "served": s.worker.served if s else 0,
-                "running": len(s.worker.running) if s else 0}
+                "running": len(s.worker.running) if s else 0,
+                "chunkTimes": list(s.worker.chunk_times) if s else []}   # when each streamed chunk left (s)
 
     def _model_progress(self, done: int, total: int) -> None:
         bar = js.document.getElementById("model-progress")
