@@ -46,6 +46,9 @@ class Kind(IntEnum):
     ECHO = 5      # payload: bytes the receiver sends back unchanged as ECHO_REPLY
     ECHO_REPLY = 6
     ERROR = 7     # payload: JSON {"type": ..., "message": ...} (tabmesh.errors shape)
+    CLUSTER = 8   # payload: a cluster message (mesh/cluster_messages.py), one-way
+    CALL = 9      # payload: a cluster message that wants an answer (compute-request)
+    REPLY = 10    # payload: the answer to the CALL with the same request id
 
 
 class FrameError(ValueError):

@@ -66,6 +66,10 @@ class Node:
         self._waiters: dict[tuple[str, int], asyncio.Future] = {}
         self._ping_sent: dict[tuple[str, int], float] = {}
         self._open_waiters: list[tuple[Callable[[], bool], asyncio.Future]] = []
+        # Subsystems above the node (cluster membership, pipeline stages) plug in here:
+        self.on_cluster: Callable[[str, bytes], None] | None = None        # (peer, payload)
+        self.on_call: Callable[[str, bytes], Any] | None = None            # async (peer, payload) -> bytes
+        self.peer_listeners: list[Callable[[str, str], None]] = []         # (peer, "open" | "closed")
 
     # ---- signaling ---------------------------------------------------------------------
     def on_signaling(self, msg: dict) -> None:
@@ -106,6 +110,7 @@ class Node:
             return
         info.state = "closed"
         self.reassembler.drop_sender(peer_id)
+        self._tell_listeners(peer_id, "closed")
         for key, fut in list(self._waiters.items()):
             if key[0] == peer_id and not fut.done():
                 fut.set_exception(ConnectionError(f"peer {peer_id} left"))
@@ -125,7 +130,15 @@ class Node:
             self.tasks.spawn(self._send(peer_id, Kind.HELLO, json.dumps({"v": 1, "peerId": self.peer_id}).encode()),
                              f"hello to {peer_id}")
             self.tasks.spawn(self._ping_loop(peer_id), f"pings to {peer_id}")
+            self._tell_listeners(peer_id, "open")
         self._changed()
+
+    def _tell_listeners(self, peer_id: str, state: str) -> None:
+        for listener in list(self.peer_listeners):
+            try:
+                listener(peer_id, state)
+            except Exception as exc:  # one subsystem's bug must not break the others
+                log.warning("peer listener failed on %s %s: %s", peer_id, state, exc)
 
     def link_closed(self, peer_id: str) -> None:
         self._remove_peer(peer_id)
@@ -172,6 +185,20 @@ class Node:
                 raise ValueError(f"hello claims id {hello.get('peerId')!r} on the link of {peer_id}")
         elif kind == Kind.ERROR:
             self._fail(peer_id, rid, json.loads(payload))
+        elif kind == Kind.CLUSTER:
+            if self.on_cluster is not None:
+                self.on_cluster(peer_id, payload)
+        elif kind == Kind.CALL:
+            if self.on_call is None:
+                raise ValueError("a CALL arrived but this node serves no calls")
+            self.tasks.spawn(self._answer(peer_id, rid, payload), f"call from {peer_id}")
+        elif kind == Kind.REPLY:
+            self._resolve(peer_id, rid, payload)
+
+    async def _answer(self, peer_id: str, rid: int, payload: bytes) -> None:
+        answer = await self.on_call(peer_id, payload)   # the handler turns its errors into answers
+        if peer_id in self.peers:
+            await self._send(peer_id, Kind.REPLY, answer, rid)
 
     # ---- requests ----------------------------------------------------------------------
     def _resolve(self, peer_id: str, rid: int, value) -> None:
@@ -223,6 +250,13 @@ class Node:
 
     async def echo(self, peer_id: str, payload: bytes, timeout_s: float = 30.0) -> bytes:
         return await self._request(peer_id, Kind.ECHO, payload, timeout_s)
+
+    async def call(self, peer_id: str, payload: bytes, timeout_s: float) -> bytes:
+        """Send a CALL and wait for its REPLY; ConnectionError if the peer leaves first."""
+        return await self._request(peer_id, Kind.CALL, payload, timeout_s)
+
+    async def send_cluster(self, peer_id: str, payload: bytes) -> None:
+        await self._send(peer_id, Kind.CLUSTER, payload)
 
     async def send_data(self, peer_id: str, payload: bytes) -> None:
         await self._send(peer_id, Kind.DATA, payload)
