@@ -80,30 +80,25 @@ def model_id_of(source: str) -> str:
     return os.path.basename(source.split("?")[0])
 
 
-async def load_model(source: str, *, backend: str = "webgpu", device=None, n_ctx: int = DEFAULT_N_CTX,
-                     on_progress: Callable[[int, int], None] | None = None) -> LoadedModel:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "webgpu" and device is None:
-        raise ValueError("the webgpu backend needs a GPU device (tabmesh.gpu.open_device())")
-    t0 = time.perf_counter()
-    progress = on_progress or (lambda done, total: None)
-    remote = None
+async def _open(source: str):
+    """(gguf header, fetch(start, end), RemoteFile | None) for a URL in a tab or a local path."""
     if IN_PYODIDE and (source.startswith("/") or source.startswith("http")):
         from .remote import RemoteFile, read_header
         remote = await RemoteFile(source).open()
-        gguf = await read_header(remote.fetch, remote.size)
-        fetch = remote.fetch
-    else:
-        gguf = read_gguf_path(source)
+        return await read_header(remote.fetch, remote.size), remote.fetch, remote
+    gguf = read_gguf_path(source)
 
-        async def fetch(start: int, end: int) -> bytes:
-            with open(source, "rb") as f:
-                f.seek(start)
-                return f.read(end - start)
-    cfg = LlamaConfig.from_gguf(gguf)
-    n_ctx = min(n_ctx, cfg.n_ctx_train)
-    layers = range(cfg.n_layers)
+    async def fetch(start: int, end: int) -> bytes:
+        with open(source, "rb") as f:
+            f.seek(start)
+            return f.read(end - start)
+    return gguf, fetch, None
+
+
+async def _load_layers(gguf, fetch, cfg: LlamaConfig, layers: range, backend: str, device, n_ctx: int,
+                       progress: Callable[[int, int], None]):
+    """GPULlama or NumpyLlama holding only `layers`, reading only their byte ranges.
+    Returns (model, bytes read)."""
     ranges = gguf.byte_ranges(tensors_needed(cfg, gguf, layers))
     total = sum(b - a for a, b in ranges)
     done = 0
@@ -116,21 +111,37 @@ async def load_model(source: str, *, backend: str = "webgpu", device=None, n_ctx
         return data
 
     progress(0, total)
-    tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
     if backend == "webgpu":
         from .llama_gpu import GPULlama
-        model = GPUBackend(await GPULlama.load(device, gguf, counted_fetch, layers=layers, n_ctx=n_ctx))
-    else:
-        blobs = [(a, await counted_fetch(a, b)) for a, b in ranges]
-        steps = iter_load_weights(cfg, gguf, layers, raw_reader(gguf, blobs))
-        while True:  # dequantize layer by layer, returning to the event loop in between
-            try:
-                next(steps)
-            except StopIteration as finished:
-                weights = finished.value
-                break
-            await asyncio.sleep(0)
-        model = NumpyBackend(NumpyLlama(cfg, weights, n_ctx))
+        return await GPULlama.load(device, gguf, counted_fetch, layers=layers, n_ctx=n_ctx), done
+    blobs = [(a, await counted_fetch(a, b)) for a, b in ranges]
+    steps = iter_load_weights(cfg, gguf, layers, raw_reader(gguf, blobs))
+    while True:  # dequantize layer by layer, returning to the event loop in between
+        try:
+            next(steps)
+        except StopIteration as finished:
+            return NumpyLlama(cfg, finished.value, n_ctx), done
+        await asyncio.sleep(0)
+
+
+def _check_backend(backend: str, device) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "webgpu" and device is None:
+        raise ValueError("the webgpu backend needs a GPU device (tabmesh.gpu.open_device())")
+
+
+async def load_model(source: str, *, backend: str = "webgpu", device=None, n_ctx: int = DEFAULT_N_CTX,
+                     on_progress: Callable[[int, int], None] | None = None) -> LoadedModel:
+    _check_backend(backend, device)
+    t0 = time.perf_counter()
+    gguf, fetch, remote = await _open(source)
+    cfg = LlamaConfig.from_gguf(gguf)
+    n_ctx = min(n_ctx, cfg.n_ctx_train)
+    tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
+    llama, done = await _load_layers(gguf, fetch, cfg, range(cfg.n_layers), backend, device, n_ctx,
+                                     on_progress or (lambda done, total: None))
+    model = GPUBackend(llama) if backend == "webgpu" else NumpyBackend(llama)
     model_id = model_id_of(source)
     # numpy runs on the page's thread: prefill in small chunks so the page (and its
     # signaling heartbeats) get the event loop back between them
@@ -140,6 +151,36 @@ async def load_model(source: str, *, backend: str = "webgpu", device=None, n_ctx
     return LoadedModel(engine, model_id, backend, cfg, time.perf_counter() - t0, done,
                        remote.cache_hits if remote is not None else 0,
                        remote.fetched_bytes if remote is not None else 0, warnings)
+
+
+@dataclass
+class LoadedStage:
+    llama: Any            # GPULlama | NumpyLlama over `layers`
+    layers: range
+    backend: str
+    load_s: float
+    bytes_read: int
+
+
+async def load_stage(source: str, layers: range, *, backend: str = "webgpu", device=None,
+                     n_ctx: int = DEFAULT_N_CTX, on_progress: Callable[[int, int], None] | None = None
+                     ) -> LoadedStage:
+    """One pipeline stage: only `layers` of the model (plus the embedding table on the first
+    stage and the output head on the last), fetched by byte range."""
+    _check_backend(backend, device)
+    t0 = time.perf_counter()
+    gguf, fetch, _remote = await _open(source)
+    cfg = LlamaConfig.from_gguf(gguf)
+    llama, done = await _load_layers(gguf, fetch, cfg, layers, backend, device, min(n_ctx, cfg.n_ctx_train),
+                                     on_progress or (lambda done, total: None))
+    return LoadedStage(llama, layers, backend, time.perf_counter() - t0, done)
+
+
+async def load_header(source: str):
+    """(gguf header, LlamaConfig, Tokenizer) without any tensor data: what a requester that
+    runs no stage needs."""
+    gguf, _fetch, _remote = await _open(source)
+    return gguf, LlamaConfig.from_gguf(gguf), Tokenizer.from_gguf_metadata(gguf.metadata)
 
 
 def generation_summary(prompt_tokens: list[int], tokens: list[int], text: str, stats: Any,
