@@ -23,16 +23,20 @@ activations) never exist whole and stay in cache.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from ..errors import TabmeshError
 from .safetensors import SafetensorsFile, read_safetensors_path
 from .wordpiece import Batch, Encoding, WordPieceTokenizer
+
+if TYPE_CHECKING:
+    from .bert_gpu import GPUBert
 
 __all__ = ["BertConfigError", "BertConfig", "BertLayer", "BertWeights", "NumpyBert",
            "SentenceEmbedder", "gelu", "erf", "layer_norm"]
@@ -302,9 +306,12 @@ class SentenceEmbedder:
     Texts are sorted by length and batched (at most ``batch_size`` texts and about
     ``max_batch_tokens`` padded tokens a batch), then returned in input order; padding
     does not change a text's embedding (beyond float rounding, ~1e-7).
+
+    The model is NumpyBert or, from ``bert_gpu.load_gpu_embedder``, GPUBert on WebGPU, whose
+    ``embed`` is a coroutine: ``await emb.embed_async(texts)`` runs either one.
     """
 
-    def __init__(self, tokenizer: WordPieceTokenizer, model: NumpyBert) -> None:
+    def __init__(self, tokenizer: WordPieceTokenizer, model: "NumpyBert | GPUBert") -> None:
         self.tokenizer = tokenizer
         self.model = model
 
@@ -342,13 +349,33 @@ class SentenceEmbedder:
     def embed(self, texts: Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE,
               max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> np.ndarray:
         """(len(texts), H) float32, each row of unit length."""
+        if inspect.iscoroutinefunction(self.model.embed):
+            raise TypeError(f"this embedder's model ({type(self.model).__name__}) runs on the GPU: "
+                            "use `await embedder.embed_async(texts)`")
+        out, plan = self._plan(texts, batch_size, max_batch_tokens)
+        for rows, batch in plan:
+            out[rows] = self.model.embed(batch)
+        return out
+
+    async def embed_async(self, texts: Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE,
+                          max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> np.ndarray:
+        """``embed`` for either model: awaits one whose ``embed`` is a coroutine (GPUBert,
+        rag/bert_gpu.py), calls NumpyBert's directly."""
+        out, plan = self._plan(texts, batch_size, max_batch_tokens)
+        for rows, batch in plan:
+            vecs = self.model.embed(batch)
+            out[rows] = await vecs if inspect.isawaitable(vecs) else vecs
+        return out
+
+    def _plan(self, texts: Sequence[str], batch_size: int, max_batch_tokens: int):
+        """The zeroed (len(texts), H) output and, lazily, (rows, padded Batch) per batch."""
         if isinstance(texts, str):
             raise TypeError("embed takes a list of texts; wrap a single text in a list")
         encs = self.encode_texts(texts)
         out = np.zeros((len(encs), self.model.cfg.hidden_size), dtype=np.float32)
-        for rows in self.batches(encs, batch_size, max_batch_tokens):
-            out[rows] = self.model.embed(self.tokenizer.pad([encs[i] for i in rows]))
-        return out
+        plan = ((rows, self.tokenizer.pad([encs[i] for i in rows]))
+                for rows in self.batches(encs, batch_size, max_batch_tokens))
+        return out, plan
 
     @staticmethod
     def batches(encs: Sequence[Encoding], batch_size: int,
