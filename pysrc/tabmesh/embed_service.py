@@ -69,7 +69,11 @@ class EmbedService:
         if model is None or model not in served:
             raise ModelNotFoundError(f"embedding model {model!r} is not served here; available: "
                                      f"{', '.join(served) or 'none'}", param="model")
-        want = backend or ("webgpu" if self.device is not None else "numpy")
+        # WebGPU by default on a real GPU; on a CPU adapter (SwiftShader) numpy is ~10x faster
+        cpu_adapter = self.device is not None and bool(self.device.info.get("cpu_adapter"))
+        want = backend or ("webgpu" if self.device is not None and not cpu_adapter else "numpy")
+        if want == "webgpu" and self.device is None:
+            raise InvalidRequestError("this tab has no WebGPU device; use the numpy backend", param="backend")
         if self.model_id == model and self.backend == want:
             return self.info()
         self.on_status(f"loading {model}…")
