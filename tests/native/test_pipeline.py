@@ -124,7 +124,7 @@ def test_a_node_lost_mid_generation_is_replaced_and_the_output_is_unchanged():
         await mesh.adopt(plan1)
         replans = []
 
-        async def replan(lost):
+        async def replan(lost, epoch):
             replans.append(lost)
             plan2 = make_plan(2, [("a", 0, 15), ("c", 15, 30)])
             await mesh.adopt(plan2)

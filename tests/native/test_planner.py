@@ -252,3 +252,14 @@ def test_model_info_from_the_smollm2_file():
     assert info.embed_bytes == g.tensors["token_embd.weight"].nbytes and info.tied_output
     p = plan(info, [node(1, mem=2 * 1024 * MB)])
     assert shares(p) == {nid(1): 30}
+
+
+def test_min_stages_spreads_over_the_nodes_asked_for_in_throughput_proportion():
+    nodes = [node(0, bw=10.0), node(1, bw=10.0), node(2, bw=5.0)]
+    assert len(plan(MODEL, nodes).stages) == 1          # latency alone: one node, no hops
+    p = plan(MODEL, nodes, settings=Settings(min_stages=3))
+    check_valid(p, MODEL, nodes)
+    got = shares(p)
+    assert len(got) == 3
+    assert got[nid(2)] < got[nid(0)] and got[nid(2)] < got[nid(1)]   # the slow node gets fewer layers
+    assert len(plan(MODEL, nodes[:2], settings=Settings(min_stages=3)).stages) == 2   # at most what exists

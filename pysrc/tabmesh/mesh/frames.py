@@ -41,7 +41,7 @@ DEFAULT_CHUNK = 64 * 1024 - HEADER_SIZE  # Chromium's SCTP takes 256 KiB, but 64
 class Kind(IntEnum):
     PING = 1      # payload: opaque bytes, echoed back in PONG
     PONG = 2
-    HELLO = 3     # payload: JSON {"v": 1, "peerId": ...}; sent once when the channel opens
+    HELLO = 3     # payload: JSON {"v": 1, "peerId", "nonce", "secret"}, then {"v", "peerId", "proof"} (mesh/auth.py)
     DATA = 4      # payload: application bytes, delivered to the inbox (tests, later subsystems)
     ECHO = 5      # payload: bytes the receiver sends back unchanged as ECHO_REPLY
     ECHO_REPLY = 6
@@ -49,6 +49,7 @@ class Kind(IntEnum):
     CLUSTER = 8   # payload: a cluster message (mesh/cluster_messages.py), one-way
     CALL = 9      # payload: a cluster message that wants an answer (compute-request)
     REPLY = 10    # payload: the answer to the CALL with the same request id
+    RAG = 11      # payload: a RAG replication message (rag/sync.py), one-way
 
 
 class FrameError(ValueError):

@@ -16,7 +16,8 @@ the requester see every hop, time it, and know exactly which step a lost stage b
 Faults: a stage that leaves (its channel closes, the signaling server reports it gone) or
 does not answer in time raises StageLost. PipelineModel then asks `replan(lost_peer)` for a
 new plan over the survivors — the coordinator makes every new owner load its layers — and
-replays the session's history through the new pipeline: the same forward calls, with the
+replays the session's history through the new pipeline (the same happens when a stage answers that it
+runs a newer plan: PlanChanged): the same forward calls, with the
 same token batches at the same positions, so every KV cache is rebuilt with the arithmetic
 of the first run. Then it retries the step that failed. With greedy sampling the output is
 the no-fault output: no token lost, none repeated.
@@ -24,6 +25,7 @@ the no-fault output: no token lost, none repeated.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Any, Awaitable, Callable, Protocol
@@ -46,10 +48,23 @@ class StageLost(ConnectionError):
         self.peer = peer
 
 
+class PlanChanged(ConnectionError):
+    """A stage runs another plan epoch, or lost this session's KV cache (it re-adopted a plan):
+    take the current plan and replay."""
+
+    def __init__(self, peer: str, why: str):
+        super().__init__(f"stage on {peer}: {why}")
+        self.peer = peer
+
+
 class PipelineError(TabmeshError):
     """A stage refused or failed a step for a reason a re-plan does not fix."""
 
     code = "pipeline_error"
+
+
+def _layout(plan: cm.Plan) -> tuple:
+    return plan.model, tuple((s.node, tuple(s.layers)) for s in plan.stages)
 
 
 # ---- one stage's model -----------------------------------------------------------------
@@ -111,20 +126,31 @@ class StageHost:
         self.stage: StageModel | None = None
         self.held: tuple | None = None            # (model, (a, b)) of self.stage
         self.session: str | None = None
+        self.aliases: set[int] = set()            # earlier epochs of the same layout
         self._lock = asyncio.Lock()
         self.steps = 0
 
     async def adopt(self, plan: cm.Plan) -> None:
         mine = plan.stage_of(self.node_id)
+        same = self.plan is not None and _layout(self.plan) == _layout(plan)
         if mine is not None and self.held != (plan.model, tuple(mine.layers)):
             self.stage, self.held = None, None
             self.stage = await self.load_stage(plan.model, tuple(mine.layers))
             self.held = (plan.model, tuple(mine.layers))
+        if same:
+            # A new leader re-stamps the running plan (same stages, higher epoch): steps of
+            # the earlier epochs of this layout stay valid, and so does the KV cache.
+            self.aliases.add(self.plan.epoch)
+        else:
+            self.aliases = set()
+            self.session = None   # another layout starts from a replay at position 0
         self.plan = plan
-        self.session = None   # every new plan starts from a replay at position 0
 
     async def handle(self, req: cm.ComputeRequest) -> cm.ComputeResult:
-        cm.check_compute_request(req, self.plan, self.node_id)
+        plan = self.plan
+        if plan is not None and req.epoch in self.aliases:
+            plan = dataclasses.replace(plan, epoch=req.epoch)
+        cm.check_compute_request(req, plan, self.node_id)
         if self.stage is None:
             raise PipelineError(f"{self.node_id} has no stage loaded for plan epoch {req.epoch}")
         async with self._lock:   # one step at a time: the KV cache is one sequence
@@ -198,6 +224,9 @@ class NodeTransport:
                 raise StageLost(peer, str(exc)) from None
         msg = cm.decode(reply, self.model_info)
         if isinstance(msg, cm.ComputeError):
+            if msg.error.type in ("ClusterMessageError", "PipelineError") and (
+                    "epoch" in msg.error.message or "replay it" in msg.error.message):
+                raise PlanChanged(peer, msg.error.message)
             raise msg.to_exception()
         if not isinstance(msg, cm.ComputeResult) or (msg.session, msg.seq) != (req.session, req.seq):
             raise PipelineError(f"stage on {peer} answered another step ({msg.TYPE})")
@@ -208,7 +237,7 @@ class PipelineModel:
     """The engine's Model (engine.Model) for a model split over a plan's stages."""
 
     def __init__(self, transport: Transport, plan: cm.Plan, model_info: Any, session: str,
-                 replan: Callable[[str], Awaitable[cm.Plan]] | None = None, clock=time.perf_counter):
+                 replan: Callable[[str | None, int], Awaitable[cm.Plan]] | None = None, clock=time.perf_counter):
         self.transport, self.plan, self.info, self.session = transport, plan, model_info, session
         self.replan, self.clock = replan, clock
         self.n_ctx, self.n_vocab = model_info.n_ctx, model_info.n_vocab
@@ -236,7 +265,7 @@ class PipelineModel:
                 out = await self._step(tokens, start_pos, output, record=True)
                 self.history.append((tokens, start_pos))
                 return out
-            except StageLost as exc:
+            except (StageLost, PlanChanged) as exc:
                 await self._recover(exc)
         raise PipelineError(f"gave up after {MAX_RECOVERIES} re-plans in one step")
 
@@ -249,13 +278,14 @@ class PipelineModel:
             kept.append((toks[:start_pos - pos], pos))
         self.history = kept
 
-    async def _recover(self, exc: StageLost) -> None:
-        self._event("stage-lost", node=exc.peer, message=str(exc))
+    async def _recover(self, exc: StageLost | PlanChanged) -> None:
+        lost = exc.peer if isinstance(exc, StageLost) else None
+        self._event("stage-lost" if lost else "plan-changed", node=exc.peer, message=str(exc))
         log.warning("%s; re-planning", exc)
         if self.replan is None:
             raise PipelineError(f"{exc} and no coordinator can re-plan") from exc
         old = self.plan
-        self.plan = await self.replan(exc.peer)
+        self.plan = await self.replan(lost, old.epoch)
         self._stale = True
         self._event("replan", epoch=self.plan.epoch, stages=[[s.node, *s.layers] for s in self.plan.stages],
                     previous=[[s.node, *s.layers] for s in old.stages])

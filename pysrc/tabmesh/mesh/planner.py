@@ -134,6 +134,7 @@ class Settings:
     fetch_bytes_per_s: float = 50e6  # loading layers a node does not cache
     amortize_tokens: int = 2000  # tokens a plan is expected to serve (spreads the fetch cost)
     max_stages: Optional[int] = None
+    min_stages: int = 1  # spread over at least this many nodes (a user's choice: `mesh-run --nodes N`)
     beam_width: int = 8
     exhaustive_nodes: int = 8  # up to this many nodes every subset is tried; beyond, a beam
     patience: int = 2  # levels without a better plan before the search stops
@@ -310,6 +311,10 @@ class _Planner:
             beam = ranked[:s.beam_width]
             found = [ev for _, _, ev in beam if ev is not None]
             found = [self.improve(ev) if j < 3 and len(ev.order) > 4 else ev for j, ev in enumerate(found)]
+            if size < min(s.min_stages, max_stages):   # fewer nodes than asked for: search on, keep none
+                size += 1
+                level = all_of(size) if exhaustive else {b | {i} for _, b, _ in beam for i in eligible if i not in b}
+                continue
             top = sorted(top + found, key=lambda e: (e.score, e.order))[:s.beam_width]
             level_best = min((ev.score for ev in found), default=math.inf)
             if level_best < best_score - 1e-9:

@@ -4,6 +4,8 @@ Names mirror the W3C API so MDN applies. Signal payloads relayed by the server:
     {"kind": "offer" | "answer", "sdp": str}
     {"kind": "ice", "candidate": str, "sdpMid": str | None, "sdpMLineIndex": int | None}
 Anything else from the remote side is rejected (the server relays, it does not vouch).
+With a room secret, node.py checks and strips an offer's or answer's "tag" (mesh/auth.py)
+before the signal reaches the link, and handles {"kind": "reject"} itself.
 """
 from __future__ import annotations
 
