@@ -47,7 +47,8 @@ SILENT_AFTER_S = 2.0     # a member not heard from this long is planned without
 READY_TIMEOUT_S = 300.0
 # Longer than raft's default: a tab computing a numpy step holds its event loop for a while,
 # and a needless election re-stamps the plan. Lost tabs are found by their channels closing.
-ELECTION_TIMEOUT_S = (1.5, 3.0)  # waiting for a plan whose stages all loaded (software GPUs load slowly)
+ELECTION_TIMEOUT_S = (1.5, 3.0)
+ADVERT_GRACE_S = 5.0     # the leader waits this long for a new member's advert before planning without it  # waiting for a plan whose stages all loaded (software GPUs load slowly)
 
 
 class ClusterError(TabmeshError):
@@ -76,6 +77,7 @@ class ClusterService:
         self._last_heartbeat = 0.0
         self._planned_for: tuple | None = None
         self._lost: set[str] = set()
+        self._opened: dict[str, float] = {}
         self._t0 = clock()
         node.on_cluster = self._on_cluster
         node.peer_listeners.append(self._on_peer)
@@ -126,6 +128,7 @@ class ClusterService:
         raft = self._ensure_raft()
         now = self.clock()
         if state == "open":
+            self._opened[peer] = now
             self._send_all(raft.add_peer(now, peer))
             self._send(peer, self.advert)
             self.event("peer-joined", node=peer)
@@ -201,6 +204,9 @@ class ClusterService:
         return out
 
     def _lead(self, now: float) -> None:
+        if any(p not in self.adverts and p not in self._lost and now - self._opened.get(p, now) < ADVERT_GRACE_S
+               for p in self.raft.members):
+            return   # a member that just joined has not advertised yet: plan with it, not before it
         nodes = self.members(now)
         key = tuple(sorted((n.node_id, n.bandwidth_gbs, n.memory_bytes) for n in nodes))
         current = self.raft.plan
@@ -234,6 +240,8 @@ class ClusterService:
         used = {s.node for s in current.stages}
         if not used <= set(figures):
             return True
+        if len(current.stages) < min(self.settings.min_stages, len(nodes)):
+            return True   # planned before every member had advertised
         before = getattr(self, "_plan_figures", None) or {}
         if any(node in before and before[node] != figures[node] for node in used):
             return True
