@@ -83,6 +83,24 @@ window.tabmesh = {
     info: () => callSync("llmInfo", null),
   },
   embed: (texts, opts) => call("embed", texts, opts || {}),
+  // Mesh inference (pysrc/tabmesh/mesh_page.py): the room's plan, its stages, generation across tabs.
+  mesh: {
+    status: () => callSync("meshStatus", {ready: false}),
+    generate: (opts) => call("meshGenerate", opts),     // {prompt, maxTokens=32, chat=false}: greedy
+    throttle: (factor) => callSync("meshThrottle", null, factor),
+  },
+  // Private RAG (pysrc/tabmesh/rag_page.py): every call takes one options object.
+  rag: {
+    open: (o) => call("ragOpen", o || {}),             // {collection="default"}
+    ingest: (o) => call("ragIngest", o || {}),         // {text, source, collection?}
+    ingestMany: (o) => call("ragIngestMany", o || {}), // {docs: [{text, source}], collection?}
+    documents: (o) => call("ragDocuments", o || {}),
+    remove: (o) => call("ragRemove", o || {}),         // {docId, collection?}
+    search: (o) => call("ragSearch", o || {}),         // {query, k=5, collection?}
+    ask: (o) => call("ragAsk", o || {}),               // {question, k=4, maxTokens=64, collection?}
+    share: (o) => call("ragShare", o || {}),           // {collection?, on=true}
+    stats: () => call("ragStats"),
+  },
   api: { serve: (on = true) => call("apiServe", on), status: () => callSync("apiStatus", null) },
   debug: { sendRawFrame: (peerId, bytes) => call("sendRawFrame", peerId, bytes) },
   errors: [],

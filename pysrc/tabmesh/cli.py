@@ -103,7 +103,23 @@ def cmd_node(args) -> int:
         print(json.dumps(event), flush=True)
     return run_node(args.server, args.room, api_key=api_key_from_env(args.api_key), model=args.model,
                     backend=args.backend, serve_api=not args.no_api, headless=args.headless, emit=emit,
-                    should_stop=lambda: bool(stop))
+                    should_stop=lambda: bool(stop),
+                    secret=args.secret or os.environ.get("TABMESH_ROOM_SECRET") or None)
+
+
+def cmd_embed(args) -> int:
+    from .cli_rag import cmd_embed as run
+    return run(args, repo_root())
+
+
+def cmd_rag_eval(args) -> int:
+    from .cli_rag import cmd_rag_eval as run
+    return run(args, repo_root())
+
+
+def cmd_mesh_run(args) -> int:
+    from .mesh_run import main as run
+    return run(args, repo_root())
 
 
 def cmd_bench(args) -> int:
@@ -158,7 +174,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", choices=("webgpu", "numpy"), help="default: WebGPU when the browser has it")
     p.add_argument("--api-key", help="the server's API key (default: $TABMESH_API_KEY)")
     p.add_argument("--no-api", action="store_true", help="join the mesh only; do not serve /v1/ requests")
+    p.add_argument("--secret", help="the room secret: only tabs that hold it connect to this node "
+                                    "(default: $TABMESH_ROOM_SECRET; never sent to the server)")
     p.set_defaults(fn=cmd_node)
+
+    p = sub.add_parser("embed", help="sentence embeddings (all-MiniLM-L6-v2) computed in a headless tab")
+    p.add_argument("--backend", choices=("webgpu", "numpy"), help="default: the page's choice (numpy on a CPU adapter)")
+    p.add_argument("--json", action="store_true", help="print {model, backend, dim, vectors}")
+    p.add_argument("text", nargs="+")
+    p.set_defaults(fn=cmd_embed)
+
+    p = sub.add_parser("rag", help="the tab's RAG index: `rag eval` measures retrieval")
+    rag_sub = p.add_subparsers(dest="rag_command", required=True)
+    p = rag_sub.add_parser("eval", help="ingest passages in a headless tab, reload, run queries: recall, MRR, timings")
+    p.add_argument("--passages", required=True, help='JSON Lines of {"id", "title", "text"}')
+    p.add_argument("--queries", required=True, help='JSON Lines of {"qid", "text", "relevant_ids"}')
+    p.add_argument("--k", type=int, default=10, help="distinct passages retrieved per query (>= 10)")
+    p.add_argument("--backend", choices=("webgpu", "numpy"), help="embedder backend (default: the page's choice)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(fn=cmd_rag_eval)
+
+    p = sub.add_parser("mesh-run", help="N headless tabs split one model's layers and generate greedily")
+    p.add_argument("--nodes", type=int, default=2)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--chat", action="store_true", help="render the prompt as one user message of the chat template")
+    p.add_argument("--kill-node", type=int, help="kill this node's browser mid-generation (1..N-1)")
+    p.add_argument("--after-tokens", type=int, default=1, help="... after this many tokens")
+    p.add_argument("--throttle-node", type=int, help="slow this node down 4x before planning (1..N-1)")
+    p.add_argument("--backend", choices=("webgpu", "numpy"), help="default: WebGPU where the browser has it")
+    p.add_argument("--model", help="a GGUF file (default: the first model setup fetched)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(fn=cmd_mesh_run)
 
     p = sub.add_parser("bench", help="measure in headless Chromium against references; prints a table",
                        add_help=False)

@@ -117,18 +117,27 @@ class HeadlessTab:
                 pass
 
 
-def node_url(server: str, room: str, api_key: str | None, serve_api: bool = True) -> str:
-    """The page URL a node opens. The key goes in the fragment: browsers never send it to the
-    server (no log line has it) and the page removes it from the address bar."""
-    from urllib.parse import quote, urlencode
+def node_url(server: str, room: str, api_key: str | None, serve_api: bool = True,
+             secret: str | None = None) -> str:
+    """The page URL a node opens. The API key and the room secret go in the fragment: browsers
+    never send it to the server (no log line has them) and the page removes them from the
+    address bar."""
+    from urllib.parse import urlencode
     base = server if server.endswith("/") else server + "/"
     query = {"room": room, **({"serve": "1"} if serve_api else {})}
-    return f"{base}?{urlencode(query)}" + (f"#key={quote(api_key, safe='')}" if api_key else "")
+    fragment = {k: v for k, v in (("key", api_key), ("secret", secret)) if v}
+    return f"{base}?{urlencode(query)}" + (f"#{urlencode(fragment, quote_via=_quote_all)}" if fragment else "")
+
+
+def _quote_all(value, safe="", encoding=None, errors=None) -> str:
+    from urllib.parse import quote
+    return quote(value, safe="", encoding=encoding, errors=errors)
 
 
 def run_node(server: str, room: str, *, api_key: str | None = None, model: str | None = None,
              backend: str | None = None, serve_api: bool = True, headless: bool = True,
-             boot_timeout_s: float = 180.0, emit=print, should_stop=lambda: False) -> int:
+             boot_timeout_s: float = 180.0, emit=print, should_stop=lambda: False,
+             secret: str | None = None) -> int:
     """One Chromium tab of the app at `server` that joins `room`, loads a model and serves
     the API until `should_stop()` or the tab dies. Emits JSON-able event dicts."""
     from playwright.sync_api import Error as PlaywrightError
@@ -142,7 +151,7 @@ def run_node(server: str, room: str, *, api_key: str | None = None, model: str |
             page.on("crash", lambda _p: died.append("the tab crashed"))
             page.on("close", lambda _p: died.append("the tab was closed"))
             page.on("pageerror", lambda err: emit({"event": "page-error", "message": str(err)}))
-            page.goto(node_url(server, room, api_key, serve_api))
+            page.goto(node_url(server, room, api_key, serve_api, secret))
             info = page.evaluate("tabmesh.ready")
             gpu = info.get("gpu") or {}
             emit({"event": "joined", "peerId": info["peerId"], "room": info["room"],

@@ -14,6 +14,10 @@ from .jsbridge import IN_PYODIDE, ProxyBag, TaskSet, js, js_error_message, js_ob
 from .api_worker import ApiWorker, BrowserWorkerSocket, TabServices
 from .embed_service import EmbedService
 from .llm_page import ChatPanel, LLMService
+from .rag_page import RagService
+from .rag_panel import RagPanel
+from .mesh.auth import MAX_SECRET, RoomKey
+from .mesh_page import MeshService
 from .mesh.node import Node
 from .mesh.rtc import RTCLink
 from .mesh.signaling import SignalingClient, SignalingError
@@ -51,6 +55,7 @@ class PageUI:
             row = self.doc.createElement("tr")
             row.dataset.peerId = p["peerId"]
             rtt = "—" if p["rttMs"] is None else f"{p['rttMs']:.1f} ms"
+            row.title = p.get("reason") or ""
             for text, cls in ((p["peerId"], "peer"), (p["state"], f"state-{p['state']}"), (rtt, "rtt")):
                 cell = self.doc.createElement("td")
                 cell.className = cls
@@ -113,15 +118,25 @@ class Page:
         self.tasks.spawn(self.chat.populate(), "list models")
         self.ui.status(f"joining room {room}…")
         scheme = "wss" if js.location.protocol == "https:" else "ws"
+        secret = self._room_secret()
+        if secret:
+            self.ui.field("room", f"{room} (room secret set)")
         self.node = Node(make_link=lambda node, pid, initiator: RTCLink(node, pid, initiator),
                          send_signaling=lambda msg: self.signaling.send(msg),
-                         on_change=self._schedule_render)
+                         on_change=self._schedule_render,
+                         room_key=RoomKey(secret, room) if secret else None)   # the secret itself is not kept
+        self.node.on_reject = lambda _pid, message: self.ui.error(message)
         self.signaling = SignalingClient(f"{scheme}://{js.location.host}/ws", room,
                                          on_message=self.node.on_signaling, on_error=self.ui.error,
                                          on_closed=self._signaling_closed)
         welcome = await self.signaling.connect()
         self.node.on_signaling(welcome)
         self.ui.field("peer-id", welcome["peerId"])
+        self.rag = RagService(self.embed, self.llm, self.node)
+        self.rag_panel = RagPanel(self.rag, self.proxies, self.tasks, self.ui.error)
+        self.tasks.spawn(self.rag_panel.start(), "open documents")
+        self.mesh = MeshService(self, params)
+        self.tasks.spawn(self.mesh.start(), "joining the mesh's cluster")
         self._register_api()
         self.proxies_unload = self.proxies(lambda _ev: self.close())
         js.window.addEventListener("pagehide", self.proxies_unload)
@@ -135,6 +150,21 @@ class Page:
         if self.gpu_info is not None:
             gpu = {k: self.gpu_info[k] for k in ("vendor", "architecture", "features", "limits")}
         js.window.tabmesh._ready(js_obj({"peerId": welcome["peerId"], "room": room, "gpu": gpu}))
+
+    def _room_secret(self) -> str | None:
+        """The room secret from the URL fragment (#secret=…: never sent to a server), then
+        removed from the address bar; other fragment parameters (#key=…) stay for later."""
+        frag = js.URLSearchParams.new(str(js.location.hash)[1:])
+        secret = frag.get("secret")
+        if secret is None:
+            return None
+        frag.delete("secret")
+        rest = str(frag.toString())
+        js.history.replaceState(None, "", str(js.location.pathname) + str(js.location.search)
+                                + (f"#{rest}" if rest else ""))
+        if len(secret) > MAX_SECRET:   # refuse, rather than join the room unprotected
+            raise SignalingError(f"the room secret (#secret=) is longer than {MAX_SECRET} characters")
+        return secret or None
 
     # ---- serving the server's OpenAI endpoint (signaling/gateway.py) ------------------------
     def _api_key(self) -> str | None:
@@ -218,7 +248,9 @@ class Page:
         self._sync_handler("peers", node.peer_list)
         self._sync_handler("inbox", lambda: list(node.inbox))
         self._sync_handler("stats", lambda: {"droppedFrames": node.dropped_frames,
-                                             "pendingReassembly": node.reassembler.pending})
+                                             "pendingReassembly": node.reassembler.pending,
+                                             "rejectedPeers": node.rejected,
+                                             "roomSecret": node.room_key is not None})
 
         async def ping(peer_id):
             return await node.ping(str(peer_id))
@@ -302,6 +334,16 @@ class Page:
                     "vectors": [[float(x) for x in row] for row in vectors]}
 
         self._async_handler("embed", embed)
+        for name, fn in self.rag.handlers().items():
+            self._async_handler(name, fn)
+        mesh = self.mesh
+
+        async def mesh_generate(opts):
+            return await mesh.generate(as_dict(opts))
+
+        self._async_handler("meshGenerate", mesh_generate)
+        self._sync_handler("meshStatus", mesh.status)
+        self._sync_handler("meshThrottle", mesh.throttle)
         self._async_handler("apiServe", self._api_serve)
         self._sync_handler("apiStatus", self._api_status)
 
@@ -312,6 +354,10 @@ class Page:
             self.node.close()
         if self.signaling is not None:
             self.signaling.close()
+        if getattr(self, "rag", None) is not None:
+            self.rag.close()
+        if getattr(self, "mesh", None) is not None and self.mesh.cluster is not None:
+            self.mesh.cluster.close()
         self.tasks.cancel_all()
 
 

@@ -142,9 +142,12 @@ class Node:
 def open_node(app, browser):
     contexts = []
 
-    def open_(room: str, on_browser=None, tab_of: Node | None = None, expect_ready: bool = True) -> Node:
+    def open_(room: str, on_browser=None, tab_of: Node | None = None, expect_ready: bool = True,
+              fragment: str = "", init_script: str | None = None) -> Node:
         """A node in a fresh context of `on_browser` (default: the session browser), or a
-        second tab beside `tab_of` (same context: shared cache, maybe the same renderer)."""
+        second tab beside `tab_of` (same context: shared cache, maybe the same renderer).
+        `fragment` is appended to the URL after "#" (e.g. "secret=…"); `init_script` runs in
+        the page before any of its own scripts."""
         if tab_of is not None:
             ctx = tab_of.page.context
         else:
@@ -152,9 +155,11 @@ def open_node(app, browser):
             ctx.set_default_timeout(config.ACTION_TIMEOUT_MS)
             contexts.append(ctx)
         page = ctx.new_page()
+        if init_script:
+            page.add_init_script(init_script)
         requests: list[str] = []
         page.on("request", lambda r: requests.append(r.url))
-        page.goto(app.room_url(room))
+        page.goto(app.room_url(room) + (f"#{fragment}" if fragment else ""))
         page.wait_for_function("!!window.tabmesh", timeout=config.BOOT_TIMEOUT_MS)
         if not expect_ready:
             return Node(page, None, requests)

@@ -233,3 +233,46 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+async def advert_figures(dev: Device, reps: int = 8) -> dict:
+    """The three figures a mesh node advertises (cluster_messages.Bench), measured in about a
+    second with the model's own kernels: dispatch_us (an empty-ish dispatch in a pass),
+    bandwidth_gbs (Q4_1 matvec of SmolLM2's gate|up matrix: weight bytes per second, what
+    decode is bound by) and matmul_gflops (the same matrix times 32 tokens: prefill)."""
+    rng = np.random.default_rng(0)
+    ops = await Ops.create(dev, head_dim=SMOL["hd"], matrix_types=(Q4_1,))
+    rounds = 2
+    rows, k, n_tok = 2 * SMOL["ffn"], SMOL["dim"], 32
+    w = dev.upload(random_weights(rng, Q4_1, rows, k))
+    x, y = dev.create_buffer(n_tok * k * 4), dev.create_buffer(n_tok * rows * 4)
+    try:
+        dispatch, _ = await _time_batch(dev, lambda b: ops.add(b, y, x, n=1), reps * 4, rounds)
+        matvec, _ = await _time_batch(dev, lambda b: ops.matvec(b, w, x, y, qtype=Q4_1, rows=rows, k=k), reps, rounds)
+        matmul, _ = await _time_batch(dev, lambda b: ops.matmul(b, w, x, y, qtype=Q4_1, n_tokens=n_tok, rows=rows,
+                                                                k=k), max(2, reps // 4), rounds)
+    finally:
+        for buf in (w, x, y):
+            dev.destroy_buffer(buf)
+    return {"dispatch_us": max(dispatch * 1e6, 0.1),
+            "bandwidth_gbs": rows * row_bytes(Q4_1, k) / max(matvec, 1e-9) / 1e9,
+            "matmul_gflops": 2 * n_tok * rows * k / max(matmul, 1e-9) / 1e9}
+
+
+def numpy_figures(reps: int = 5) -> dict:
+    """The same three figures for a tab without WebGPU (the numpy backend on the CPU)."""
+    rng = np.random.default_rng(0)
+    rows, k = 2 * SMOL["ffn"], SMOL["dim"]
+    w = rng.standard_normal((rows, k), dtype=np.float32)
+    x1, x32 = rng.standard_normal(k, dtype=np.float32), rng.standard_normal((32, k), dtype=np.float32)
+
+    def best(fn):
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return max(min(times), 1e-9)
+    return {"dispatch_us": best(lambda: np.add(x1[:1], x1[:1])) * 1e6,
+            "bandwidth_gbs": w.nbytes / best(lambda: w @ x1) / 1e9,
+            "matmul_gflops": 2 * 32 * rows * k / best(lambda: x32 @ w.T) / 1e9}
