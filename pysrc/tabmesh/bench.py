@@ -10,11 +10,17 @@ and their ratio. Sections:
          WebSocket ping/pong through the signaling server (what a server-relayed design pays
          per hop); 4 MiB echo over the data channel against the same bytes fetched over HTTP
          from the local server.
+  pipeline greedy decode tok/s with SmolLM2 split over 1, 2 and 3 tabs (tabmesh mesh-run),
+         and the latency each hop adds per token.
   gateway  the OpenAI endpoint: one streamed greedy answer through `/v1/chat/completions`
          (the official openai client) against the same request made in the tab itself
          (window.tabmesh.chat.completions.create): ms per token and time to first token,
          plus the latency the gateway adds to each token (the tab's send time to the
          client's receive time, same machine clock).
+  rag    the tab's RAG (bench_rag.py): ingest passages/s against sentence-transformers on
+         the CPU; our numpy HNSW build, recall@10 and query latency against hnswlib and
+         exact search (10k and 100k random vectors); restoring a 100k-passage collection
+         from IndexedDB against the raw IndexedDB read.
 Progress goes to stderr; the table to stdout (and --json prints the rows as JSON).
 """
 from __future__ import annotations
@@ -28,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+from .bench_rag import bench_rag
 from .headless import ServerThread, launch_args
 
 
@@ -209,6 +216,28 @@ def bench_gateway(server: ServerThread, n_tokens: int, reps: int) -> list[dict]:
     return rows
 
 
+def bench_pipeline(root: Path, n_tokens: int) -> list[dict]:
+    """Greedy decode tok/s with the model split over 1, 2 and 3 tabs (mesh-run: one Chromium
+    process each, WebGPU), and the latency each hop adds per token (the requester's round
+    trip to a stage minus that stage's compute time)."""
+    from .mesh_run import mesh_run
+    rows, one = [], None
+    for n in (1, 2, 3):
+        _progress(f"pipeline: {n} node(s), {n_tokens} greedy tokens…")
+        r = mesh_run(root, nodes=n, prompt="The history of the printing press", max_tokens=n_tokens,
+                     progress=lambda msg: _progress(f"  {msg}"))
+        t = r["timings"]
+        if one is None:
+            one = t["decode_tok_s"]
+        rows.append({"section": "pipeline", "figure": f"decode tok/s, model split over {n} tab(s)",
+                     "ours": t["decode_tok_s"], "reference": one, "reference_name": "1 tab (same run)",
+                     "ratio": t["decode_tok_s"] / one if one else 0.0})
+        if n > 1:
+            rows.append({"section": "pipeline", "figure": f"latency added per hop per token, {n} tabs (ms, p50)",
+                         "ours": t["per_hop_ms"]})
+    return rows
+
+
 BENCH_TEXT = (
     "The history of the printing press begins in the middle of the fifteenth century, when Johannes "
     "Gutenberg, a goldsmith from Mainz, combined a screw press with movable metal type, oil-based ink "
@@ -324,7 +353,15 @@ def format_table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None, root: Path | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tabmesh bench")
     parser.add_argument("--pings", type=int, default=200)
-    parser.add_argument("--sections", default="llm,mesh,gateway", help="comma-separated: llm, mesh, gateway")
+    parser.add_argument("--sections", default="llm,mesh,pipeline,gateway,rag",
+                        help="comma-separated: llm, mesh, pipeline, gateway, rag")
+    parser.add_argument("--pipeline-tokens", type=int, default=16, help="greedy tokens per mesh-run")
+    parser.add_argument("--rag-passages", type=int, default=32, help="passages ingested in the tab (rag)")
+    parser.add_argument("--rag-vectors", type=int, default=10_000, help="HNSW vs hnswlib build size (rag)")
+    parser.add_argument("--rag-large", type=int, default=100_000,
+                        help="vectors for the large query-latency and IndexedDB-restore rows; 0 skips them")
+    parser.add_argument("--rag-build-large", action="store_true",
+                        help="also build our HNSW at --rag-large (minutes); default: hnswlib builds that graph")
     parser.add_argument("--gateway-tokens", type=int, default=32)
     parser.add_argument("--gateway-reps", type=int, default=3)
     parser.add_argument("--prompt-tokens", type=int, default=512)
@@ -356,7 +393,10 @@ def main(argv: list[str] | None = None, root: Path | None = None) -> int:
 
     runs = {"llm": lambda: bench_llm(root, args.prompt_tokens, args.decode_tokens, args.threads,
                                      args.webgpu_decode_tokens),
-            "mesh": mesh, "gateway": gateway}
+            "mesh": mesh, "gateway": gateway,
+            "pipeline": lambda: bench_pipeline(root, args.pipeline_tokens),
+            "rag": lambda: bench_rag(root, args.threads, args.rag_passages, args.rag_vectors, args.rag_large,
+                                     args.rag_build_large, failed)}
     for name, run in runs.items():
         if name not in sections:
             continue

@@ -110,3 +110,9 @@ def test_malformed_oversized_and_out_of_range_cluster_frames_are_dropped(open_no
     st = b.page.evaluate("tabmesh.mesh.status()")
     assert st["ready"] and st["steps"] == 0                                # nothing ran
     assert not b.page.evaluate("tabmesh.errors")
+    # the mesh view shows the plan as a bar of layer ranges and the tabs' measured figures
+    b.page.wait_for_function("tabmesh.mesh.status().plan !== null", timeout=60000)
+    b.page.wait_for_function("document.querySelectorAll('#mesh-plan .stage').length >= 1", timeout=10000)
+    bar = b.page.locator("#mesh-plan .stage").all_text_contents()
+    assert any("layers 0–" in t for t in bar), bar
+    assert b.page.locator("#mesh-nodes tbody tr").count() == 2
