@@ -35,11 +35,14 @@ test-browser: setup
 	$(BIN)/python -m pytest tests/browser $(PYTEST_ARGS)
 
 # The references the benchmark compares against: llama.cpp via llama-cpp-python (compiled
-# here, 10-15 minutes once; AMX off because this CPU reports AMX the VM cannot run).
+# here, 10-15 minutes once; AMX off because this CPU reports AMX the VM cannot run), and
+# hnswlib for the rag section (a C++ build, ~2 minutes once). sentence-transformers (torch)
+# is too large to install here: point TABMESH_ST_PYTHON at a Python that has it.
 bench-deps: $(STAMP)
 	@$(BIN)/python -c "import llama_cpp" 2>/dev/null || { echo "building llama-cpp-python (once, 10-15 min)…"; \
 	  CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" \
 	  CXXFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" $(BIN)/python -m pip install -q llama-cpp-python==0.3.36; }
+	@$(BIN)/python -c "import hnswlib" 2>/dev/null || $(BIN)/python -m pip install -q hnswlib==0.8.0
 
 bench: setup bench-deps
 	$(BIN)/tabmesh bench $(ARGS)

@@ -86,6 +86,8 @@ window.tabmesh = {
   // Mesh inference (pysrc/tabmesh/mesh_page.py): the room's plan, its stages, generation across tabs.
   mesh: {
     status: () => callSync("meshStatus", {ready: false}),
+    join: () => call("meshJoin"),                         // take part (?mesh=1 does it at load)
+    prepare: () => call("meshPrepare"),                   // ask for a plan, wait until its stages loaded
     generate: (opts) => call("meshGenerate", opts),     // {prompt, maxTokens=32, chat=false}: greedy
     throttle: (factor) => callSync("meshThrottle", null, factor),
   },

@@ -34,7 +34,6 @@ import sys
 import time
 from pathlib import Path
 
-from .bench_rag import bench_rag
 from .headless import ServerThread, launch_args
 
 
@@ -391,12 +390,16 @@ def main(argv: list[str] | None = None, root: Path | None = None) -> int:
         finally:
             server.stop()
 
+    def rag() -> list[dict]:
+        from .bench_rag import bench_rag   # imports numpy: only after llm set OPENBLAS_NUM_THREADS
+        return bench_rag(root, args.threads, args.rag_passages, args.rag_vectors, args.rag_large,
+                         args.rag_build_large, failed)
+
     runs = {"llm": lambda: bench_llm(root, args.prompt_tokens, args.decode_tokens, args.threads,
                                      args.webgpu_decode_tokens),
             "mesh": mesh, "gateway": gateway,
             "pipeline": lambda: bench_pipeline(root, args.pipeline_tokens),
-            "rag": lambda: bench_rag(root, args.threads, args.rag_passages, args.rag_vectors, args.rag_large,
-                                     args.rag_build_large, failed)}
+            "rag": rag}
     for name, run in runs.items():
         if name not in sections:
             continue

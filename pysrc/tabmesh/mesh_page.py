@@ -4,7 +4,9 @@ Runs only in the tab. The logic is mesh/cluster.py and mesh/pipeline.py (tested 
 an in-memory mesh); this file wires them to the page: which model the room runs (`?model=`,
 else the first GGUF the server serves), which backend stages use (`?backend=`, else WebGPU
 when the tab has it), how many nodes a plan must use at least (`?stages=N`, what
-`tabmesh mesh-run --nodes N` asks for; default 1: the planner decides), the advert (GPU
+`tabmesh mesh-run --nodes N` asks for; default 1: the planner decides). A tab takes part
+only when asked (`?mesh=1`, `?stages=N`, tabmesh.mesh.join(), or the panel's button): a member
+may be given layers to load at any time. The advert (GPU
 info, memory estimate, benchmark figures measured here), and the DOM of the mesh view.
 """
 from __future__ import annotations
@@ -40,9 +42,21 @@ class MeshService:
         self.progress = {"tokens": 0, "running": False}
         self.last_result: dict | None = None
         self._render_pending = False
+        self._starting: asyncio.Future | None = None
+
+    async def join(self) -> dict:
+        """Take part in mesh inference (the page does at load with ?mesh=1 or ?stages=N)."""
+        if self._starting is None:
+            self._starting = asyncio.ensure_future(self._start())
+        await asyncio.shield(self._starting)
+        return self.status()
 
     async def start(self) -> None:
+        await self.join()
+
+    async def _start(self) -> None:
         from .model.loader import load_header
+        js.document.getElementById("mesh-summary").textContent = "joining: reading the model header, measuring the GPU…"
         served = [m["name"] for m in await self.page.llm.served_models()]
         self.model_id = self.params.get("model") or (served[0] if served else None)
         if self.model_id is None or self.model_id not in served:
@@ -93,7 +107,7 @@ class MeshService:
     # ---- window.tabmesh.mesh -----------------------------------------------------------
     async def generate(self, opts: dict) -> dict:
         if self.cluster is None:
-            raise RuntimeError("the mesh is still starting (model header, GPU benchmark)")
+            await self.join()
         prompt = str(opts["prompt"])
         tokens = (self._chat_tokens(prompt) if opts.get("chat")
                   else self.tokenizer.encode(prompt, add_special=True, parse_special=False))
@@ -117,6 +131,13 @@ class MeshService:
         from .engine import Engine
         return Engine(None, self.tokenizer, self.tokenizer.chat_template, self.model_id).encode_chat(
             [{"role": "user", "content": prompt}])
+
+    async def prepare(self) -> dict:
+        """Join, ask the coordinator for a plan, and wait until every stage has loaded."""
+        await self.join()
+        self.cluster.want_plan()
+        await self.cluster.wait_plan()
+        return self.status()
 
     def throttle(self, factor: float) -> dict:
         factor = max(1.0, float(factor))

@@ -63,7 +63,9 @@ def mesh_run(root: Path, *, nodes: int, prompt: str, max_tokens: int = 16, chat:
                     info = page.evaluate("tabmesh.ready")
                     progress(f"node {i} is {info['peerId']}")
                 req = pages[0]
-                wait_for(req, "tabmesh.mesh.status().readyPlan", BOOT_TIMEOUT_S, "a plan with every stage loaded")
+                for page in pages:   # every node joins before anyone plans, so the plan can use them all
+                    wait_for(page, "tabmesh.mesh.status().ready", BOOT_TIMEOUT_S, "the node joining the cluster")
+                req.evaluate("tabmesh.mesh.prepare()")
                 if throttle_node is not None:
                     before = req.evaluate("tabmesh.mesh.status().plan.epoch")
                     progress(f"throttling node {throttle_node} x{throttle}")

@@ -136,7 +136,10 @@ class Page:
         self.rag_panel = RagPanel(self.rag, self.proxies, self.tasks, self.ui.error)
         self.tasks.spawn(self.rag_panel.start(), "open documents")
         self.mesh = MeshService(self, params)
-        self.tasks.spawn(self.mesh.start(), "joining the mesh's cluster")
+        js.document.getElementById("mesh-join").addEventListener(
+            "click", self.proxies(lambda _ev: self.tasks.spawn(self.mesh.join(), "joining the mesh")))
+        if (params.get("mesh") or "").lower() in ("1", "true", "yes") or params.get("stages"):
+            self.tasks.spawn(self.mesh.start(), "joining the mesh's cluster")
         self._register_api()
         self.proxies_unload = self.proxies(lambda _ev: self.close())
         js.window.addEventListener("pagehide", self.proxies_unload)
@@ -343,6 +346,8 @@ class Page:
 
         self._async_handler("meshGenerate", mesh_generate)
         self._sync_handler("meshStatus", mesh.status)
+        self._async_handler("meshJoin", mesh.join)
+        self._async_handler("meshPrepare", mesh.prepare)
         self._sync_handler("meshThrottle", mesh.throttle)
         self._async_handler("apiServe", self._api_serve)
         self._sync_handler("apiStatus", self._api_status)

@@ -5,7 +5,7 @@ RagService. One IndexedDB database per browser profile (``IndexedDBStorage``, op
 a page; persistent storage is asked for then). A collection is opened on demand: restored
 from its stored HNSW graph and chunks (nothing is re-embedded), or created on its first
 ingestion. A tab holds a Web Lock per open collection ("tabmesh-rag:<name>") so two tabs
-of one browser never write the same collection; the second is told to close the first.
+of one browser never write the same collection (the second is told it is open elsewhere).
 Documents are cut with ``chunk_by_tokens`` (200 MiniLM word-pieces, 32 of overlap) and
 embedded by the tab's EmbedService; ``ask`` retrieves passages, renders them through the
 loaded LLM's own chat template (``build_messages``) and streams a greedy answer whose
@@ -47,7 +47,8 @@ log = logging.getLogger("tabmesh.rag")
 DEFAULT_COLLECTION = "default"
 CHUNK_TOKENS, CHUNK_OVERLAP = 200, 32
 BATCH_SIZE = 16                      # chunks per committed (and announced) batch
-EMBED_SLICE_CHARS = 600              # ~150 word-pieces: well under a second of numpy
+EMBED_SLICE_CHARS = 600              # ~150 word-pieces: under a second of numpy on an idle core
+YIELD_S = 0.002                      # a timer (sleep(0) is a message task): timers due run first
 SYNC_PAGE_OPS, SYNC_PAGE_BYTES = 256, 4 * 1024 * 1024
 ASK_MAX_PROMPT_TOKENS = 1536         # passages + question; the prefill is the slow part
 LOCK_WAIT_S = 3.0                    # how long to wait for another tab's collection lock
@@ -189,6 +190,13 @@ class RagService:
                 del self._cols[name]
             raise
 
+    def opened(self, name: str) -> Collection | None:
+        """The collection if this tab has it open now (no waiting, no opening)."""
+        fut = self._cols.get(name)
+        if fut is None or not fut.done() or fut.cancelled() or fut.exception() is not None:
+            return None
+        return fut.result()
+
     async def _open(self, name: str, create: bool) -> Collection:
         Collection(name)  # validates the name before anything is locked or stored
         storage = await self.storage()
@@ -224,9 +232,10 @@ class RagService:
                 await self.embed.load()
 
     async def _embed_docs(self, texts: list[str]) -> np.ndarray:
-        """Embed in slices of about EMBED_SLICE_CHARS, yielding to the event loop between
-        them: numpy in the tab blocks it (~5 ms a token), and signaling heartbeats, peer
-        pings and the page must keep running during a long ingestion."""
+        """Embed in slices of about EMBED_SLICE_CHARS, yielding to the browser between them:
+        numpy in the tab blocks its one thread (~5 ms a word-piece on an idle core), and
+        signaling heartbeats, peer pings and the page must keep running during a long
+        ingestion."""
         out, group, size = [], [], 0
         for i, text in enumerate(texts):
             group.append(text)
@@ -236,7 +245,7 @@ class RagService:
                 out.append(vectors)
                 self.embedded_texts += len(group)
                 group, size = [], 0
-                await asyncio.sleep(0)
+                await asyncio.sleep(YIELD_S)
         return np.concatenate(out) if out else np.zeros((0, self._dim()), np.float32)
 
     async def _embed_query(self, texts: list[str]) -> np.ndarray:
@@ -364,8 +373,7 @@ class RagService:
         stored = {c["name"]: c for c in await list_collections(storage)}
         cols = []
         for name in sorted(stored):
-            fut = self._cols.get(name)
-            col = fut.result() if fut is not None and fut.done() and not fut.exception() else None
+            col = self.opened(name)
             cols.append({"name": name, "shared": bool(stored[name].get("shared")), "open": col is not None,
                          "documents": len(col.documents()) if col else None,
                          "passages": col.n_passages if col else None,

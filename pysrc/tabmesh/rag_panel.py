@@ -99,12 +99,11 @@ class RagPanel:
         asyncio.get_event_loop().call_later(0.2, run)
 
     async def refresh(self) -> None:
-        fut = self.service._cols.get(self.name)
-        if fut is None or not fut.done() or fut.exception() is not None:
+        col = self.service.opened(self.name)
+        if col is None:
             self.el("rag-docs").replaceChildren()
             self.el("rag-no-docs").hidden = False
             return
-        col = fut.result()
         self.el("rag-share").checked = col.shared
         docs = await self.service.documents(self.name)
         ul = self.el("rag-docs")

@@ -86,8 +86,8 @@ def test_a_throttled_node_gets_a_smaller_share(app, baseline):
 def test_malformed_oversized_and_out_of_range_cluster_frames_are_dropped(open_node, room):
     import struct
     from tabmesh.mesh.frames import Kind, encode_message
-    a, b = open_node(room), open_node(room)
-    a.wait_peers(lambda ps: any(p["state"] == "open" for p in ps), what="a channel between the tabs")
+    a, b = open_node(room + "&mesh=1"), open_node(room + "&mesh=1")   # both take part in the mesh
+    a.wait_peers(lambda ps: any(p["state"] == "open" for p in ps), timeout_s=90, what="a channel between the tabs")
     b.page.wait_for_function("tabmesh.mesh.status().ready", timeout=config.BOOT_TIMEOUT_MS)
     before = b.page.evaluate("tabmesh.mesh.status().dropped")
     header = lambda obj: (lambda j: struct.pack("<I", len(j)) + j)(json.dumps(obj).encode())  # noqa: E731
@@ -111,8 +111,9 @@ def test_malformed_oversized_and_out_of_range_cluster_frames_are_dropped(open_no
     assert st["ready"] and st["steps"] == 0                                # nothing ran
     assert not b.page.evaluate("tabmesh.errors")
     # the mesh view shows the plan as a bar of layer ranges and the tabs' measured figures
+    b.page.evaluate("tabmesh.mesh.prepare()")      # a plan, and its stage loaded
     b.page.wait_for_function("tabmesh.mesh.status().plan !== null", timeout=60000)
     b.page.wait_for_function("document.querySelectorAll('#mesh-plan .stage').length >= 1", timeout=10000)
     bar = b.page.locator("#mesh-plan .stage").all_text_contents()
     assert any("layers 0–" in t for t in bar), bar
-    assert b.page.locator("#mesh-nodes tbody tr").count() == 2
+    b.page.wait_for_function("document.querySelectorAll('#mesh-nodes tbody tr').length === 2", timeout=10000)

@@ -94,6 +94,7 @@ def test_a_lost_node_is_planned_out_and_generation_continues_unchanged():
         room = Room([A, B, C], min_stages=3)
         room.start()
         try:
+            room.services[A].want_plan()
             await room.services[A].wait_plan(timeout_s=60)
 
             def on_token(_tok, n):
@@ -118,6 +119,7 @@ def test_a_throttled_node_gets_the_smallest_share():
         room = Room([A, B, C], min_stages=3, throttle=C)
         room.start()
         try:
+            room.services[A].want_plan()
             plan = await room.services[A].wait_plan(timeout_s=60)
             return {s.node: s.end - s.start for s in plan.stages}
         finally:

@@ -68,6 +68,8 @@ class ClusterService:
         self.raft: Coordinator | None = None
         self.adverts: dict[str, cm.Join] = {}
         self.status: dict[str, tuple[str, int, float]] = {}   # peer -> (status, epoch, heard at)
+        self.demand: dict[str, float] = {}   # peer -> requests it wants a plan for (heartbeat load)
+        self.wanted = False                  # this node wants a plan (it is about to generate)
         self.events: list[dict] = []
         self.dropped = 0
         self._task: asyncio.Task | None = None
@@ -153,10 +155,18 @@ class ClusterService:
             return
         now = self.clock()
         if isinstance(msg, cm.Join):
+            if peer not in self.adverts:
+                # it may have missed ours (its cluster started after our channel opened): answer
+                self._send(peer, self.advert)
+            changed = self.adverts.get(peer) != msg
             self.adverts[peer] = msg
             self._lost.discard(peer)
+            if changed:
+                b = msg.bench
+                self.event("advert", node=peer, bandwidthGBs=round(b.bandwidth_gbs, 3) if b else None)
         elif isinstance(msg, cm.Heartbeat):
             self.status[peer] = (msg.status, msg.epoch, now)
+            self.demand[peer] = msg.load
         elif isinstance(msg, cm.Leave):
             self._lost.add(peer)
         elif isinstance(msg, (cm.RequestVote, cm.Vote, cm.DistributionPlan, cm.PlanAck)):
@@ -187,7 +197,14 @@ class ClusterService:
 
     def _heartbeat(self) -> cm.Heartbeat:
         rtts = {p: round(i.rtt_ms, 3) for p, i in self.node.peers.items() if i.rtt_ms is not None}
-        return cm.Heartbeat(self._my_status, 0.0, self._adopted_epoch, rtts)
+        return cm.Heartbeat(self._my_status, 1.0 if self.wanted else 0.0, self._adopted_epoch, rtts)
+
+    def want_plan(self) -> None:
+        """Ask for a plan: the leader plans only once some member wants to generate, so joining
+        a room loads no weights until there is work (then members keep their layers)."""
+        if not self.wanted:
+            self.wanted = True
+            self._broadcast(self._heartbeat())
 
     def members(self, now: float) -> list[NodeInfo]:
         """Nodes the leader may plan with: itself and every member with an advert that is not
@@ -204,6 +221,8 @@ class ClusterService:
         return out
 
     def _lead(self, now: float) -> None:
+        if self.raft.plan is None and not self.wanted and not any(v > 0 for v in self.demand.values()):
+            return   # nobody has asked for a plan yet
         if any(p not in self.adverts and p not in self._lost and now - self._opened.get(p, now) < ADVERT_GRACE_S
                for p in self.raft.members):
             return   # a member that just joined has not advertised yet: plan with it, not before it
@@ -314,6 +333,7 @@ class ClusterService:
         from ..engine import Engine, GenerationParams
         from ..sampler import SamplingParams
         t0 = self.clock()
+        self.want_plan()
         plan = await self.wait_plan()
         wait_s = self.clock() - t0
         session = secrets.token_hex(6)

@@ -729,7 +729,9 @@ def _padded(links: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 def _layer_numbers(levels: np.ndarray) -> np.ndarray:
     """For upper rows grouped by node (layers 1..level each), the layer of each row."""
-    lv = np.maximum(levels.astype(np.int64), 0)
+    # intp, not int64: np.repeat casts its counts to intp "safely", and intp is int32 in
+    # Pyodide (wasm32), so int64 counts fail there (restore of any graph with upper layers)
+    lv = np.maximum(levels.astype(np.intp), 0)
     starts = np.repeat(np.cumsum(lv) - lv, lv)
     return np.arange(int(lv.sum())) - starts + 1
 

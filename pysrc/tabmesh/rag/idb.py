@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any, Sequence
 
 from tabmesh.jsbridge import IN_PYODIDE, JsException, ProxyBag, js, js_obj, log, py_bytes
@@ -40,6 +41,9 @@ from tabmesh.rag.storage import STORES, Op, StorageError, StorageQuotaError, che
 __all__ = ["IndexedDBStorage", "DB_VERSION"]
 
 DB_VERSION = 1
+# Pyodide wraps a thrown value that lacks a string ``stack`` (Chromium's DOMException does)
+# in a plain Error whose message quotes it; the DOMException's name is recovered from there.
+_WRAPPED = re.compile(r'thrown value gives """(\w+): (.*?)"""', re.S)
 _persist_asked: bool | None = None  # navigator.storage.persist() answer, asked once a page
 
 
@@ -149,8 +153,12 @@ class IndexedDBStorage:
         vals_req = keys_req.transaction.objectStore(store).getAll(rng)  # same transaction
         keys_f, vals_f = _watch(keys_req, f"list {store}"), _watch(vals_req, f"read {store}")
         keys, values = await asyncio.gather(keys_f, vals_f)
-        keys = [str(k) for k in keys]
-        return [(k, _py_value(store, values[i])) for i, k in enumerate(keys)]
+        keys = keys.to_py() if hasattr(keys, "to_py") else [str(k) for k in keys]
+        if store == "vectors":
+            return [(k, _py_value(store, values[i])) for i, k in enumerate(keys)]
+        # one JSON round trip for the whole list, not one per record: a restore reads
+        # tens of thousands of records, and each crossing of the FFI costs more than parsing
+        return list(zip(keys, json.loads(js.JSON.stringify(values))))
 
     def _read(self, store: str, start):
         if store not in STORES:
@@ -224,6 +232,9 @@ def _error(dom_error, what: str) -> StorageError:
     """StorageQuotaError for a QuotaExceededError, else StorageError naming the error."""
     name = getattr(dom_error, "name", None) or "UnknownError"
     message = getattr(dom_error, "message", None) or str(dom_error or "")
+    wrapped = _WRAPPED.search(message) if name == "Error" else None
+    if wrapped is not None:
+        name, message = wrapped.group(1), wrapped.group(2)
     if name == "QuotaExceededError":
         return StorageQuotaError(
             f"could not {what}: the browser's storage quota for this site is full. Nothing "
