@@ -105,13 +105,8 @@ def mesh_run(root: Path, *, nodes: int, prompt: str, max_tokens: int = 16, chat:
 
 
 def main(args, root: Path) -> int:
-    models_dir = None
-    model = None
-    if args.model:
-        path = Path(args.model).expanduser().resolve()
-        if not path.is_file():
-            raise SystemExit(f"tabmesh: model file not found: {path}")
-        models_dir, model = path.parent, path.name
+    from .cli import _model_location
+    models_dir, model = _model_location(args.model)
     try:
         result = mesh_run(root, nodes=args.nodes, prompt=args.prompt, max_tokens=args.max_tokens, chat=args.chat,
                           kill_node=args.kill_node, after_tokens=args.after_tokens, throttle_node=args.throttle_node,
