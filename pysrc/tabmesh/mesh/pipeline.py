@@ -131,34 +131,40 @@ class StageHost:
         self.steps = 0
 
     async def adopt(self, plan: cm.Plan) -> None:
+        """Take a committed plan. New layers load while the old stage keeps answering steps of
+        the old plan; the switch (stage, plan, session) happens at once, between two steps."""
         mine = plan.stage_of(self.node_id)
-        same = self.plan is not None and _layout(self.plan) == _layout(plan)
-        if mine is not None and self.held != (plan.model, tuple(mine.layers)):
-            self.stage, self.held = None, None
-            self.stage = await self.load_stage(plan.model, tuple(mine.layers))
-            self.held = (plan.model, tuple(mine.layers))
-        if same:
-            # A new leader re-stamps the running plan (same stages, higher epoch): steps of
-            # the earlier epochs of this layout stay valid, and so does the KV cache.
-            self.aliases.add(self.plan.epoch)
-        else:
-            self.aliases = set()
-            self.session = None   # another layout starts from a replay at position 0
-        self.plan = plan
+        want = (plan.model, tuple(mine.layers)) if mine is not None else None
+        loaded = None
+        if want is not None and want != self.held:
+            loaded = await self.load_stage(plan.model, tuple(mine.layers))
+        async with self._lock:
+            same = self.plan is not None and _layout(self.plan) == _layout(plan)
+            if loaded is not None:
+                self.stage, self.held = loaded, want
+            if same:
+                # A new leader re-stamps the running plan (same stages, higher epoch): steps of
+                # the earlier epochs of this layout stay valid, and so does the KV cache.
+                self.aliases.add(self.plan.epoch)
+            else:
+                self.aliases = set()
+                self.session = None   # another layout starts from a replay at position 0
+            self.plan = plan
 
     async def handle(self, req: cm.ComputeRequest) -> cm.ComputeResult:
-        plan = self.plan
-        if plan is not None and req.epoch in self.aliases:
-            plan = dataclasses.replace(plan, epoch=req.epoch)
-        cm.check_compute_request(req, plan, self.node_id)
-        if self.stage is None:
-            raise PipelineError(f"{self.node_id} has no stage loaded for plan epoch {req.epoch}")
-        async with self._lock:   # one step at a time: the KV cache is one sequence
+        async with self._lock:   # one step at a time (the KV cache is one sequence); no adopt mid-step
+            plan = self.plan
+            if plan is not None and req.epoch in self.aliases:
+                plan = dataclasses.replace(plan, epoch=req.epoch)
+            cm.check_compute_request(req, plan, self.node_id)
+            stage = self.stage
+            if stage is None:
+                raise PipelineError(f"{self.node_id} has no stage loaded for plan epoch {req.epoch}")
             if req.session != self.session:
                 if req.pos != 0:
                     raise PipelineError(f"session {req.session} starts at position {req.pos} on a stage that "
                                         f"does not hold it; replay it from position 0")
-                self.stage.reset()
+                stage.reset()
                 self.session = req.session
             n, w = req.shape
             if req.dtype == "u32":
@@ -167,13 +173,13 @@ class StageHost:
                 x = np.frombuffer(req.data, dtype="<f4" if req.dtype == "f32" else "<f2").astype(np.float32)
                 x = x.reshape(n, w)
             t0 = time.perf_counter()
-            out = await self.stage.run(x, req.pos, req.want)
+            out = await stage.run(x, req.pos, req.want)
             ms = 1000 * (time.perf_counter() - t0)
             if self.slowdown > 1.0:
                 await asyncio.sleep(ms * (self.slowdown - 1.0) / 1000)
                 ms *= self.slowdown
             self.steps += 1
-        if not self.stage.is_last:
+        if not stage.is_last:
             h = np.ascontiguousarray(out, dtype="<f4")
             return cm.ComputeResult(req.epoch, req.session, req.seq, req.layers, "hidden", h.shape, "f32", ms,
                                     h.tobytes())
