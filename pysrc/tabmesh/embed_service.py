@@ -106,16 +106,13 @@ class EmbedService:
                                                    "dim": self.embedder.model.cfg.hidden_size}
 
     async def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
-        """(unit vectors (n, 384), tokens used) — batches as SentenceEmbedder does."""
+        """(unit vectors (n, 384), tokens used), batched as SentenceEmbedder batches."""
         if self.embedder is None:
             await self.load()
-        emb = self.embedder
-        encs = emb.encode_texts(texts)
-        out = np.zeros((len(encs), emb.model.cfg.hidden_size), dtype=np.float32)
-        for rows in emb.batches(encs, 32, 4096):
-            batch = emb.tokenizer.pad([encs[i] for i in rows])
-            out[rows] = (await self.gpu.embed(batch)) if self.gpu is not None else emb.model.embed(batch)
-        return out, sum(len(e.ids) for e in encs)
+        if self.gpu is None:
+            return await self.embedder.embed_counted(texts)
+        from .rag.bert_numpy import SentenceEmbedder
+        return await SentenceEmbedder(self.embedder.tokenizer, self.gpu).embed_counted(texts)
 
     async def embeddings(self, body: dict) -> dict:
         texts = check_inputs(body)

@@ -352,7 +352,7 @@ class SentenceEmbedder:
         if inspect.iscoroutinefunction(self.model.embed):
             raise TypeError(f"this embedder's model ({type(self.model).__name__}) runs on the GPU: "
                             "use `await embedder.embed_async(texts)`")
-        out, plan = self._plan(texts, batch_size, max_batch_tokens)
+        out, plan, _ = self._plan(texts, batch_size, max_batch_tokens)
         for rows, batch in plan:
             out[rows] = self.model.embed(batch)
         return out
@@ -361,21 +361,27 @@ class SentenceEmbedder:
                           max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> np.ndarray:
         """``embed`` for either model: awaits one whose ``embed`` is a coroutine (GPUBert,
         rag/bert_gpu.py), calls NumpyBert's directly."""
-        out, plan = self._plan(texts, batch_size, max_batch_tokens)
+        return (await self.embed_counted(texts, batch_size, max_batch_tokens))[0]
+
+    async def embed_counted(self, texts: Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE,
+                            max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> tuple[np.ndarray, int]:
+        """``embed_async`` plus the number of tokens the texts were cut into (API usage)."""
+        out, plan, n_tokens = self._plan(texts, batch_size, max_batch_tokens)
         for rows, batch in plan:
             vecs = self.model.embed(batch)
             out[rows] = await vecs if inspect.isawaitable(vecs) else vecs
-        return out
+        return out, n_tokens
 
     def _plan(self, texts: Sequence[str], batch_size: int, max_batch_tokens: int):
-        """The zeroed (len(texts), H) output and, lazily, (rows, padded Batch) per batch."""
+        """The zeroed (len(texts), H) output, lazily (rows, padded Batch) per batch, and the
+        token count."""
         if isinstance(texts, str):
             raise TypeError("embed takes a list of texts; wrap a single text in a list")
         encs = self.encode_texts(texts)
         out = np.zeros((len(encs), self.model.cfg.hidden_size), dtype=np.float32)
         plan = ((rows, self.tokenizer.pad([encs[i] for i in rows]))
                 for rows in self.batches(encs, batch_size, max_batch_tokens))
-        return out, plan
+        return out, plan, sum(len(e.ids) for e in encs)
 
     @staticmethod
     def batches(encs: Sequence[Encoding], batch_size: int,
