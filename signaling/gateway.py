@@ -75,9 +75,6 @@ class GatewayError(Exception):
     def response(self) -> web.Response:
         return openai_error(self.status, str(self), self.type_, self.code, self.param)
 
-    def body(self) -> dict:
-        return {"error": {"message": str(self), "type": self.type_, "param": self.param, "code": self.code}}
-
 
 @dataclass(eq=False)
 class Job:
