@@ -110,10 +110,12 @@ class TabServices:
         self.embeddings = embed.embeddings
 
     async def offers(self) -> dict:
+        from .model.remote import served_models
+        listing = await served_models()    # one fetch for both kinds
         loaded = [self.llm.loaded.model_id] if self.llm.loaded is not None else []
-        gguf = [m["name"] for m in await self.llm.served_models()]
+        gguf = [m["name"] for m in listing if m.get("kind") == "gguf"]
         return {"models": loaded, "canLoad": [m for m in gguf if m not in loaded],
-                "embeddings": await self.embed.served()}
+                "embeddings": [m["name"] for m in listing if m.get("kind") == "embedding"]}
 
 
 class BrowserWorkerSocket:

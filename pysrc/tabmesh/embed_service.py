@@ -51,11 +51,8 @@ class EmbedService:
         self.backend = "numpy"
 
     async def served(self) -> list[str]:
-        from .jsbridge import js
-        resp = await js.fetch("models/")
-        if not resp.ok:
-            raise RuntimeError(f"the server did not list its models (HTTP {resp.status})")
-        return [m["name"] for m in json.loads(await resp.text())["models"] if m.get("kind") == "embedding"]
+        from .model.remote import served_models
+        return [m["name"] for m in await served_models("embedding")]
 
     async def _read(self, url: str) -> bytes:
         from .model.remote import RemoteFile

@@ -6,7 +6,6 @@ native tests run; this file owns the DOM of the chat panel and the JS-facing han
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import time
 from contextlib import aclosing
@@ -38,10 +37,8 @@ class LLMService:
         return "webgpu" if self.device is not None else "numpy"
 
     async def served_models(self) -> list[dict]:
-        resp = await js.fetch("models/")
-        if not resp.ok:
-            raise RuntimeError(f"the server did not list its models (HTTP {resp.status})")
-        return [m for m in json.loads(await resp.text())["models"] if m.get("kind") == "gguf"]
+        from .model.remote import served_models
+        return await served_models("gguf")
 
     async def load(self, model: str | None = None, backend: str | None = None, n_ctx: int = 2048) -> dict:
         served = await self.served_models()

@@ -128,6 +128,19 @@ class RemoteFile:  # pragma: no cover - browser only; exercised by the browser t
         return {(s, e): b"".join(got[p] for p in split_ranges([(s, e)])) for s, e in ranges}
 
 
+async def served_models(kind: str | None = None) -> list[dict]:  # pragma: no cover - browser only
+    """The server's /models/ listing ({name, kind, size?}), of one kind ("gguf", "embedding")
+    or all."""
+    import json
+
+    from ..jsbridge import js
+    resp = await js.fetch("models/")
+    if not resp.ok:
+        raise RuntimeError(f"the server did not list its models (HTTP {resp.status})")
+    models = json.loads(await resp.text())["models"]
+    return [m for m in models if kind is None or m.get("kind") == kind]
+
+
 def _init(obj):
     from ..jsbridge import js_obj
     return js_obj(obj)
