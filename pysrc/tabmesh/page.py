@@ -27,6 +27,21 @@ DEFAULT_ROOM = "lobby"
 _current_page = None  # the running Page; its proxies and tasks must outlive main()
 
 
+def take_fragment_param(name: str) -> str | None:
+    """A parameter of the URL fragment (#secret=…&key=…: browsers never send the fragment to a
+    server, so no log line has it), then removed from the address bar so it does not linger
+    in history; the fragment's other parameters stay."""
+    frag = js.URLSearchParams.new(str(js.location.hash)[1:])
+    value = frag.get(name)
+    if value is None:
+        return None
+    frag.delete(name)
+    rest = str(frag.toString())
+    js.history.replaceState(None, "", str(js.location.pathname) + str(js.location.search)
+                            + (f"#{rest}" if rest else ""))
+    return str(value)
+
+
 class PageUI:
     """Every DOM write goes through here, as text (never innerHTML)."""
 
@@ -155,29 +170,17 @@ class Page:
         js.window.tabmesh._ready(js_obj({"peerId": welcome["peerId"], "room": room, "gpu": gpu}))
 
     def _room_secret(self) -> str | None:
-        """The room secret from the URL fragment (#secret=…: never sent to a server), then
-        removed from the address bar; other fragment parameters (#key=…) stay for later."""
-        frag = js.URLSearchParams.new(str(js.location.hash)[1:])
-        secret = frag.get("secret")
-        if secret is None:
-            return None
-        frag.delete("secret")
-        rest = str(frag.toString())
-        js.history.replaceState(None, "", str(js.location.pathname) + str(js.location.search)
-                                + (f"#{rest}" if rest else ""))
-        if len(secret) > MAX_SECRET:   # refuse, rather than join the room unprotected
+        secret = take_fragment_param("secret")
+        if secret is not None and len(secret) > MAX_SECRET:   # refuse, rather than join the room unprotected
             raise SignalingError(f"the room secret (#secret=) is longer than {MAX_SECRET} characters")
         return secret or None
 
     # ---- serving the server's OpenAI endpoint (signaling/gateway.py) ------------------------
     def _api_key(self) -> str | None:
-        """From the URL fragment (#key=…: never sent to a server, never logged), then
-        removed from the address bar so it does not linger in history."""
-        frag = js.URLSearchParams.new(str(js.location.hash)[1:])
-        key = frag.get("key")
+        """#key=… is read when the tab starts serving (it stays in the fragment until then)."""
+        key = take_fragment_param("key")
         if key:
             self._key = key
-            js.history.replaceState(None, "", str(js.location.pathname) + str(js.location.search))
         return getattr(self, "_key", None)
 
     def _toggle_api(self, on: bool) -> None:
