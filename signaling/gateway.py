@@ -43,7 +43,6 @@ import itertools
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 
 from aiohttp import web

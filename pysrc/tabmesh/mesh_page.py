@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 
 from .jsbridge import js
 from .mesh import cluster_messages as cm

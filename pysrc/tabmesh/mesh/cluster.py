@@ -31,7 +31,7 @@ import statistics
 import time
 from contextlib import aclosing
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Callable
 
 from ..errors import TabmeshError
 from . import cluster_messages as cm
