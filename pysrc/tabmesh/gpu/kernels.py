@@ -45,23 +45,41 @@ def read_wgsl_file(name: str) -> str:
 
 
 async def load_wgsl(name: str) -> str:
-    """The text of kernel NAME: a file natively, a fetch of WGSL_BASE_URL/NAME.wgsl in Pyodide."""
+    """The text of kernel NAME (a file natively, a fetch of WGSL_BASE_URL/NAME.wgsl in
+    Pyodide), with its ``//!include LIB`` lines replaced by wgsl/LIB.wgsl: functions and
+    constants shared by several kernels (a library declares no bindings)."""
+    if name not in _source_cache:
+        _source_cache[name] = await _expand_includes(name, await _fetch_wgsl(name), ())
+    return _source_cache[name]
+
+
+async def _fetch_wgsl(name: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_]+", name):
         raise ValueError(f"bad kernel name {name!r}: use letters, digits and '_'")
-    if name in _source_cache:
-        return _source_cache[name]
-    if IN_PYODIDE:
-        from pyodide.http import pyfetch  # type: ignore[import-not-found]
+    if not IN_PYODIDE:
+        return read_wgsl_file(name)
+    from pyodide.http import pyfetch  # type: ignore[import-not-found]
 
-        url = f"{WGSL_BASE_URL}{name}.wgsl"
-        resp = await pyfetch(url)
-        if not resp.ok:
-            raise FileNotFoundError(f"no WGSL kernel {name!r}: GET {url} -> HTTP {resp.status}")
-        text = await resp.string()
-    else:
-        text = read_wgsl_file(name)
-    _source_cache[name] = text
-    return text
+    url = f"{WGSL_BASE_URL}{name}.wgsl"
+    resp = await pyfetch(url)
+    if not resp.ok:
+        raise FileNotFoundError(f"no WGSL kernel {name!r}: GET {url} -> HTTP {resp.status}")
+    return await resp.string()
+
+
+_INCLUDE = re.compile(r"^//!include ([A-Za-z0-9_]+)[ \t]*$", re.MULTILINE)
+
+
+async def _expand_includes(name: str, text: str, seen: tuple[str, ...]) -> str:
+    parts, last = [], 0
+    for m in _INCLUDE.finditer(text):
+        lib = m.group(1)
+        if lib in seen or lib == name:
+            raise ValueError(f"WGSL include cycle: {' -> '.join((*seen, name, lib))}")
+        lib_text = await _expand_includes(lib, await _fetch_wgsl(lib), (*seen, name))
+        parts += [text[last:m.start()], lib_text]
+        last = m.end()
+    return "".join(parts) + text[last:]
 
 
 @dataclass(frozen=True)

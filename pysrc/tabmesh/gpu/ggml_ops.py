@@ -1,0 +1,204 @@
+"""numerics="ggml" on WebGPU: the kernels that compute what llama.cpp's CPU backend computes,
+bit for bit (model/ggml_numerics.py states every op in numpy; tests compare the two exactly).
+
+Why a second set of kernels: the float32 forward pass (ops.py) is within ~1 logit of
+llama.cpp, which rounds activations to 8 bits before every matmul and keeps K/V in f16;
+through 30 layers one rounding the other way moves the rest, so greedy tokens part where
+llama.cpp's top two are close. These kernels do llama.cpp's roundings and its summation
+orders (wgsl/ggml_*.wgsl say which), so the tokens are llama.cpp's.
+
+A layer (T tokens; decode T = 1, which also picks ggml's 64-lane f16 dot products):
+    rmsnorm -> quantize (Q8_1 for Q4_1 weights, Q8_0 for Q8_0) -> matmul q|k|v (+ bias)
+    rope_kv (RoPE from a cos/sin table the CPU computed as glibc does; K, V to f16)
+    attn_probs -> attn_out -> quantize -> matmul wo (+= residual)
+    rmsnorm -> quantize -> matmul gate|up -> swiglu -> quantize -> matmul down (+= residual)
+Weights: Q4_1 and Q8_0 only (ggml's Q4_0 path is a repacked kernel on AVX2; K-quants need
+Q8_K activations): others are refused with the tensor's name, as in ggml_numerics.
+
+The adapter must divide and take square roots correctly rounded (WGSL allows 2.5 ulp): the
+probe run by ``GgmlOps.create`` checks that on crafted inputs and refuses otherwise. A fused
+fma is used where the probe finds one; elsewhere (lavapipe) ``fma_x`` emulates it exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .device import Batch, Buffer, Device
+from .errors import GPUError
+from .ops import split_grid
+from .reference import Q4_1, Q8_0, TYPE_NAMES
+
+GGML_TYPES = (Q4_1, Q8_0)
+QBLOCK_WORDS = 10  # one quantized activation block: d, s, 8 words of int8
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _need(buf: Buffer, n_words: int, what: str) -> None:
+    if n_words * 4 > buf.size:
+        raise ValueError(f"{what}: needs {n_words * 4} B but {buf} holds {buf.size} B")
+
+
+class AdapterNumericsError(GPUError):
+    """The adapter's float32 division or square root is not correctly rounded."""
+
+
+def probe_inputs(n: int = 4096, seed: int = 7) -> np.ndarray:
+    """(n, 3) float32 a, b, c spread over many binades (half of them chosen so that a * b + c
+    cancels, where a fused and an unfused fma differ most)."""
+    rng = np.random.default_rng(seed)
+    a = (rng.standard_normal(n) * np.exp2(rng.integers(-20, 20, n))).astype(np.float32)
+    b = (rng.standard_normal(n) * np.exp2(rng.integers(-20, 20, n))).astype(np.float32)
+    c = (rng.standard_normal(n) * np.exp2(rng.integers(-20, 20, n))).astype(np.float32)
+    half = n // 2
+    c[:half] = -(a[:half] * b[:half]) * np.float32(1 + 2 ** -20)
+    return np.stack([a, b, c], axis=1)
+
+
+class GgmlOps:
+    """Records the numerics="ggml" kernels into a Batch; see the module docstring."""
+
+    def __init__(self, dev: Device, kernels: dict, fused_fma: bool):
+        self.dev, self.k, self.fused_fma = dev, kernels, fused_fma
+        self._bufs: dict[str, Buffer] = {}
+
+    @classmethod
+    async def create(cls, dev: Device, matrix_types=GGML_TYPES) -> "GgmlOps":
+        bad = [TYPE_NAMES.get(t, t) for t in matrix_types if t not in GGML_TYPES]
+        if bad:
+            raise ValueError(f"numerics='ggml' runs Q4_1 and Q8_0 matrices, not {bad}")
+        fused = await cls.probe(dev)
+        c = {"FUSED_FMA": fused}
+        k = {name: await dev.kernel(f"ggml_{name}", **c)
+             for name in ("rmsnorm", "quantize", "rope_kv", "swiglu")}
+        for lanes in (16, 64):
+            k[f"attn_probs_{lanes}"] = await dev.kernel("ggml_attn_probs", LANES=lanes, **c)
+            k[f"attn_out_{lanes}"] = await dev.kernel("ggml_attn_out", LANES=lanes)
+        for t in sorted(set(matrix_types)):
+            k[f"matmul_{t}"] = await dev.kernel("ggml_matmul", QTYPE=t, **c)
+        return cls(dev, k, fused)
+
+    @staticmethod
+    async def probe(dev: Device) -> bool:
+        """Run wgsl/ggml_probe.wgsl: True if fma is fused. Raises AdapterNumericsError if
+        division or sqrt is not correctly rounded, or the emulated fma is wrong."""
+        abc = probe_inputs()
+        n = abc.shape[0]
+        kern = await dev.kernel("ggml_probe")
+        src, out = dev.upload(abc.reshape(-1)), dev.create_buffer(16 * n, "ggml-probe")
+        b = dev.batch("ggml-probe")
+        b.dispatch(kern, (_cdiv(n, 64), 1, 1), abc=src, out=out, n=n, zero=0)
+        r = b.read(out)
+        got = np.frombuffer((await b.run())[r], np.float32).reshape(n, 4)
+        dev.destroy_buffer(src)
+        dev.destroy_buffer(out)
+        a, bb, c = (abc[:, i] for i in range(3))
+        a64, b64, c64 = (v.astype(np.float64) for v in (a, bb, c))
+        fused = (a64 * b64 + c64).astype(np.float32)  # exact product; ties to a float are ~2^-29
+        with np.errstate(all="ignore"):
+            div, sq = a / bb, np.sqrt(np.abs(a))
+        for col, want, what in ((1, div, "division"), (2, sq, "square root")):
+            wrong = int(np.count_nonzero(got[:, col] != want))
+            if wrong:
+                raise AdapterNumericsError(
+                    f"this adapter's float32 {what} is not correctly rounded ({wrong} of {n} probes "
+                    f"differ), so numerics='ggml' cannot reproduce llama.cpp here: use numerics='f32'")
+        wrong = int(np.count_nonzero(got[:, 3] != fused))
+        if wrong:
+            raise AdapterNumericsError(f"the emulated fma differs from a fused one in {wrong} of {n} probes "
+                                       f"on this adapter: numerics='ggml' is not available here")
+        return bool(np.array_equal(got[:, 0], fused))
+
+    def scratch(self, purpose: str, nbytes: int) -> Buffer:
+        """An ops-owned buffer of at least nbytes, grown on demand (the old one is dropped, not
+        destroyed: a batch not yet submitted may still use it)."""
+        buf = self._bufs.get(purpose)
+        if buf is None or buf.size < nbytes:
+            size = max(nbytes, 2 * buf.size if buf else 0, 4096)
+            buf = self._bufs[purpose] = self.dev.create_buffer(size, f"ggml-{purpose}")
+        return buf
+
+    # -- ops --------------------------------------------------------------------------------
+    def rmsnorm(self, b: Batch, x: Buffer, w: Buffer, y: Buffer, *, n_rows: int, n: int, eps: float,
+                x_off: int = 0, x_stride: int | None = None) -> None:
+        """y (n_rows, n) = rmsnorm(rows of x at x_off + r * x_stride) * w."""
+        x_stride = n if x_stride is None else x_stride
+        _need(x, x_off + (n_rows - 1) * x_stride + n, "ggml rmsnorm x")
+        _need(w, n, "ggml rmsnorm w")
+        _need(y, n_rows * n, "ggml rmsnorm y")
+        b.dispatch(self.k["rmsnorm"], (_cdiv(n_rows, 64), 1, 1), x=x, w=w, y=y, n_rows=n_rows, n=n,
+                   x_off=x_off, x_stride=x_stride, eps=float(np.float32(eps)), zero=0)
+
+    def quantize(self, b: Batch, x: Buffer, xq: Buffer, *, n_rows: int, k: int, qtype: int,
+                 x_off: int = 0, x_stride: int | None = None) -> None:
+        """Rows of x -> the activation blocks a ``qtype`` matmul takes (Q8_1 / Q8_0)."""
+        if k % 32:
+            raise ValueError(f"ggml quantize: rows of {k} are not whole blocks of 32")
+        x_stride = k if x_stride is None else x_stride
+        _need(x, x_off + (n_rows - 1) * x_stride + k, "ggml quantize x")
+        _need(xq, n_rows * (k // 32) * QBLOCK_WORDS, "ggml quantize out")
+        b.dispatch(self.k["quantize"], split_grid(_cdiv(n_rows * (k // 32), 64)), x=x, xq=xq, n_rows=n_rows,
+                   k=k, x_off=x_off, x_stride=x_stride, with_sum=int(qtype == Q4_1), c127=127.0, zero=0)
+
+    def matmul(self, b: Batch, w: Buffer, xq: Buffer, y: Buffer, *, qtype: int, rows: int, k: int,
+               n_tokens: int, y_stride: int, y_off: int = 0, accumulate: bool = False,
+               bias: Buffer | None = None, bias_off: int = 0) -> None:
+        """y[t * y_stride + y_off + r] (+)= (W xq_t)[r] (+ bias[bias_off + r])."""
+        key = f"matmul_{qtype}"
+        if key not in self.k:
+            raise ValueError(f"no ggml matmul compiled for {TYPE_NAMES.get(qtype, qtype)}")
+        _need(xq, n_tokens * (k // 32) * QBLOCK_WORDS, "ggml matmul xq")
+        _need(y, (n_tokens - 1) * y_stride + y_off + rows, "ggml matmul y")
+        if bias is not None:
+            _need(bias, bias_off + rows, "ggml matmul bias")
+        b.dispatch(self.k[key], split_grid(_cdiv(rows * n_tokens, 64)), w=w, xq=xq, y=y,
+                   bias=bias if bias is not None else self.scratch("no-bias", 16), rows=rows, k=k,
+                   n_tokens=n_tokens, y_stride=y_stride, y_off=y_off, acc_y=int(accumulate),
+                   has_bias=int(bias is not None), bias_off=bias_off, zero=0)
+
+    def rope_kv(self, b: Batch, qkv: Buffer, cache: Buffer, tab: Buffer, *, tab_n: int, n_tokens: int,
+                n_heads: int, n_kv_heads: int, head_dim: int, n_rot: int, pos0: int, ctx: int,
+                qkv_stride: int, neox: bool) -> None:
+        q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
+        if pos0 + n_tokens > tab_n or pos0 + n_tokens > ctx:
+            raise ValueError(f"ggml rope_kv: positions up to {pos0 + n_tokens - 1} beyond the table "
+                             f"({tab_n}) or the cache ({ctx})")
+        _need(qkv, (n_tokens - 1) * qkv_stride + q_dim + 2 * kv_dim, "ggml rope_kv qkv")
+        _need(cache, 2 * kv_dim * ctx, "ggml rope_kv cache")
+        _need(tab, tab_n * n_rot, "ggml rope table")
+        slots = n_heads + 2 * n_kv_heads
+        b.dispatch(self.k["rope_kv"], (_cdiv(n_tokens * slots, 64), 1, 1), qkv=qkv, tab=tab, cache=cache,
+                   n_tokens=n_tokens, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
+                   n_rot=n_rot, pos0=pos0, ctx=ctx, qkv_stride=qkv_stride, k_off=q_dim,
+                   v_off=q_dim + kv_dim, neox=int(neox), cache_v_off=kv_dim * ctx, tab_n=tab_n, zero=0)
+
+    def attention(self, b: Batch, qkv: Buffer, cache: Buffer, out: Buffer, *, n_tokens: int, n_heads: int,
+                  n_kv_heads: int, head_dim: int, pos0: int, ctx: int, q_stride: int) -> None:
+        """out (n_tokens, n_heads * head_dim): causal GQA over the cache's positions 0 ..
+        pos0 + t, as llama.cpp computes it for a batch of n_tokens (64 lanes when 1, else 16)."""
+        if head_dim > 256 or n_heads % n_kv_heads:
+            raise ValueError(f"ggml attention: head_dim {head_dim} > 256 or {n_heads} heads not a "
+                             f"multiple of {n_kv_heads} KV heads")
+        lanes = 64 if n_tokens == 1 else 16
+        n_keys = pos0 + n_tokens
+        probs = self.scratch("probs", 4 * n_tokens * n_heads * n_keys)
+        _need(out, n_tokens * n_heads * head_dim, "ggml attention out")
+        scale = float(np.float32(1.0) / np.sqrt(np.float32(head_dim)))
+        b.dispatch(self.k[f"attn_probs_{lanes}"], (_cdiv(n_tokens * n_heads, 64), 1, 1), qkv=qkv, cache=cache,
+                   probs=probs, n_tokens=n_tokens, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
+                   pos0=pos0, ctx=ctx, q_stride=q_stride, n_keys=n_keys, scale=scale, zero=0)
+        b.dispatch(self.k[f"attn_out_{lanes}"], split_grid(_cdiv(n_tokens * n_heads * head_dim, 64)),
+                   probs=probs, cache=cache, out=out, n_tokens=n_tokens, n_heads=n_heads,
+                   n_kv_heads=n_kv_heads, head_dim=head_dim, pos0=pos0, ctx=ctx, n_keys=n_keys,
+                   v_off=n_kv_heads * ctx * head_dim)
+
+    def swiglu(self, b: Batch, gu: Buffer, out: Buffer, *, n_tokens: int, n: int,
+               in_stride: int | None = None) -> None:
+        in_stride = 2 * n if in_stride is None else in_stride
+        _need(gu, (n_tokens - 1) * in_stride + 2 * n, "ggml swiglu in")
+        _need(out, n_tokens * n, "ggml swiglu out")
+        b.dispatch(self.k["swiglu"], split_grid(_cdiv(n_tokens * n, 64)), gu=gu, out=out, n_tokens=n_tokens,
+                   n=n, in_stride=in_stride, one=1.0, zero=0)
