@@ -146,3 +146,36 @@ def test_swiglu_equal(gpu, arun, gops):
     with np.errstate(over="ignore"):
         want = g.swiglu(gu[:, :n], gu[:, n:])
     np.testing.assert_array_equal(got, want)
+
+
+# -- the whole model ----------------------------------------------------------------------------
+
+GREEDY_PROMPTS = ["short", "code"]  # test_ggml_numerics' default pair; "code" has a near-tie for f32
+
+
+@pytest.fixture(scope="module")
+def ggml_model(gpu, arun, smol_path):  # noqa: F811
+    from tabmesh.model.llama_gpu import GPULlama, file_fetcher
+
+    model = arun(GPULlama.load(gpu, read_gguf_path(smol_path), file_fetcher(smol_path), n_ctx=96,
+                               max_batch=64, numerics="ggml"))
+    assert model.numerics == "ggml"
+    return model
+
+
+@pytest.mark.skipif(g._libm() is None, reason="exact RoPE angles need the C library's sincosf (glibc)")
+@pytest.mark.parametrize("name", GREEDY_PROMPTS)
+def test_whole_model_logits_and_32_greedy_tokens_equal_llama_cpp(ggml_model, arun, name):
+    """SmolLM2 Q4_1 on WebGPU in ggml numerics: the prompt's last logits equal llama.cpp's
+    (top-20 and 128 probe ids, 0.0 error) and 32 free-running greedy tokens are llama.cpp's."""
+    import json
+    from pathlib import Path
+
+    fx = json.loads((Path(__file__).resolve().parents[1] / "fixtures" / "model_q4_1.json").read_text())
+    p = next(p for p in fx["prompts"] if p["name"] == name)
+    tokens = p["tokens"]
+    logits = arun(ggml_model.forward(tokens, 0, output="logits"))
+    last = next(r for r in p["positions"] if r["pos"] == len(tokens) - 1)
+    np.testing.assert_array_equal(logits[last["top_ids"]], np.float32(last["top_logits"]))
+    np.testing.assert_array_equal(logits[fx["probe_ids"]], np.float32(last["probe_logits"]))
+    assert arun(ggml_model.generate_greedy(tokens, 32)) == p["greedy"]["tokens"]

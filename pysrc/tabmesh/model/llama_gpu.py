@@ -31,6 +31,11 @@ plus embed first and matvec(output, fused final RMSNorm) + argmax last: 184 for 
 wq|wk|wv raw bytes are concatenated into one matrix when the three share a quant type,
 likewise gate|up; otherwise each is its own matvec writing its slice of the fused row.
 
+numerics="ggml" (``load(numerics="ggml")``): llama.cpp's CPU arithmetic bit for bit instead of
+float32 (gpu/ggml_ops.py: 8-bit activations before every matmul, f16 K/V, ggml's summation
+orders; RoPE from a cos/sin table computed as glibc computes it, ``rope_table``), so logits and
+greedy tokens equal llama.cpp's. Q4_1 / Q8_0 matrices only; about 13 dispatches per layer.
+
 Qwen2's q/k/v biases: the embed kernel with an F32 "table" of one row (the bias) and ids
 all 0 broadcasts the bias into the QKV rows, and the projection then accumulates onto it.
 
@@ -57,6 +62,7 @@ import numpy as np
 
 from tabmesh.errors import GGUFError, UnsupportedQuantError
 from tabmesh.gpu.device import Batch, Buffer, Device
+from tabmesh.gpu.ggml_ops import GGML_TYPES, QBLOCK_WORDS, GgmlOps
 from tabmesh.gpu.ops import EMBED_TYPES, MATMUL_TYPES, MATRIX_TYPES, Ops
 from tabmesh.gpu.reference import F32, TYPE_NAMES
 
@@ -69,6 +75,7 @@ DEFAULT_N_CTX = 2048
 DEFAULT_MAX_BATCH = 512  # prefill tokens per submit (activation buffers are sized for it)
 DEFAULT_CHUNK_BYTES = 64 << 20  # largest byte range fetched at once
 OUTPUTS = ("logits", "argmax", "hidden")
+NUMERICS = ("f32", "ggml")
 
 FetchBytes = Callable[[int, int], "Awaitable[bytes] | bytes"]
 
@@ -100,6 +107,15 @@ def plan_requests(gguf, names: Sequence[str], chunk_bytes: int = DEFAULT_CHUNK_B
             hi = t.end
         out.append((lo, hi))
     return out
+
+
+def ggml_rope_table(cfg: LlamaConfig, n_pos: int) -> np.ndarray:
+    """numerics="ggml"'s RoPE table for positions 0 .. n_pos - 1: cos (n_pos, n_rot / 2) then
+    sin, float32, as ggml_rope_cache_init computes them with the C library's powf/sincosf."""
+    from .ggml_numerics import rope_tables
+
+    cos, sin = rope_tables(cfg, 0, n_pos)
+    return np.concatenate([cos.reshape(-1), sin.reshape(-1)])
 
 
 @dataclass
@@ -143,6 +159,10 @@ class GPULlama:
         self.output: Mat | None = None  # (n_vocab, n_embd), last stage; tok_embd's buffer if tied
         self.weight_bytes = 0  # bytes of weights uploaded
         self.prefill_matmul = True  # False: prefill projections as per-token matvecs (see load)
+        self.numerics = "f32"
+        self.gops: GgmlOps | None = None  # numerics="ggml": its kernels, rope table and buffers
+        self.rope_tab: Buffer | None = None
+        self.xq: Buffer | None = None
         self.last_timings: dict = {}
         # one call at a time: calls share the activation buffers, and a tab's event loop could
         # otherwise interleave two of them at their awaits
@@ -163,16 +183,23 @@ class GPULlama:
     async def load(cls, device: Device, gguf_file, fetch_bytes: FetchBytes, layers: range | None = None,
                    n_ctx: int = DEFAULT_N_CTX, *, max_batch: int = DEFAULT_MAX_BATCH,
                    chunk_bytes: int = DEFAULT_CHUNK_BYTES, matvec_tpr: int | None = None,
-                   prefill: str = "auto") -> "GPULlama":
+                   prefill: str = "auto", numerics: str = "f32",
+                   rope_table: np.ndarray | None = None) -> "GPULlama":
         """Fetch this stage's tensors with ``await fetch_bytes(start, end)`` (a file read, or an
         HTTP Range request in a tab), upload them as raw GGUF blocks and compile the kernels.
 
         prefill: "matmul" (matmul kernels; on CPU adapters ops picks its barrier-free CPU variant)
         or "matvec" (one matvec per token and matrix, in the same single batch); "auto" = matmul.
         (The GPU-style tiled matmul was ~7x slower than per-token matvecs on lavapipe/SwiftShader,
-        whose workgroup barriers are emulated; the CPU variant is 1.6-2.4x faster than them.)"""
+        whose workgroup barriers are emulated; the CPU variant is 1.6-2.4x faster than them.)
+
+        numerics: "f32" or "ggml" (module docstring). rope_table (ggml only): cos then sin,
+        (positions >= n_ctx, n_rot / 2) float32 each, concatenated, as ``ggml_rope_table`` makes
+        it; default: computed here (exact where the C library is glibc, as llama.cpp's is)."""
         if prefill not in ("auto", "matmul", "matvec"):
             raise ValueError(f"prefill must be 'auto', 'matmul' or 'matvec', got {prefill!r}")
+        if numerics not in NUMERICS:
+            raise ValueError(f"numerics must be one of {NUMERICS}, got {numerics!r}")
         gguf = gguf_file
         cfg = LlamaConfig.from_gguf(gguf)
         layers = check_layers(cfg, range(cfg.n_layers) if layers is None else layers)
@@ -196,6 +223,10 @@ class GPULlama:
                 embed_types.add(t.ggml_type)
             if name == "token_embd.weight" and not (layers.stop == cfg.n_layers and cfg.tied_output):
                 continue  # an embedding table only, not a matrix
+            if numerics == "ggml" and t.ggml_type not in GGML_TYPES:
+                raise UnsupportedQuantError(
+                    f"tensor {name!r} is {t.type_name}: numerics='ggml' runs Q4_1 and Q8_0 matrices "
+                    f"(llama.cpp's arithmetic for others is not reproduced); use numerics='f32'")
             if t.ggml_type not in MATRIX_TYPES:
                 raise UnsupportedQuantError(f"tensor {name!r} is {t.type_name}; the GPU matvec kernels run "
                                             f"{[TYPE_NAMES[q] for q in MATRIX_TYPES]}")
@@ -206,9 +237,28 @@ class GPULlama:
         # "auto" is the matmul path everywhere now that ops has CPU-adapter matmul kernels
         # (measured 1.6-2.4x faster than per-token matvecs natively on lavapipe/SwiftShader).
         model.prefill_matmul = prefill in ("matmul", "auto")
+        if numerics == "ggml":
+            await model._setup_ggml(tuple(sorted(matrix_types)), rope_table)
         await model._load_weights(gguf, names, fetch_bytes, chunk_bytes)
-        model._prepare_matrices()
+        if numerics == "f32":
+            model._prepare_matrices()
         return model
+
+    async def _setup_ggml(self, matrix_types: tuple, rope_table: np.ndarray | None) -> None:
+        cfg = self.cfg
+        self.gops = await GgmlOps.create(self.dev, matrix_types)
+        if rope_table is None:
+            rope_table = ggml_rope_table(cfg, self.n_ctx)
+        tab = np.ascontiguousarray(rope_table, dtype=np.float32).reshape(-1)
+        half = cfg.n_rot // 2
+        if half == 0 or tab.size % (2 * half) or tab.size // (2 * half) < self.n_ctx:
+            raise ValueError(f"rope_table of {tab.size} floats is not cos and sin for {self.n_ctx} positions "
+                             f"x {half} frequencies")
+        self.rope_tab_n = tab.size // (2 * half)
+        self.rope_tab = self.dev.upload(tab, "ggml-rope")
+        k_max = max(cfg.n_embd, cfg.q_dim, cfg.n_ff)
+        self.xq = self.dev.create_buffer(self.max_batch * (k_max // 32) * QBLOCK_WORDS * 4, "ggml-xq")
+        self.numerics = "ggml"
 
     def _prepare_matrices(self) -> None:
         """Repack every matrix for the CPU-adapter kernels now (a no-op on real GPUs), so the
@@ -404,6 +454,10 @@ class GPULlama:
         if self.is_first:
             e = self.tok_embd
             o.embed(b, self.ids if ids is None else ids, e.buf, self.h, qtype=e.qtype, n_tokens=n, dim=d)
+        if self.gops is not None:
+            for L in self.blocks:
+                self._record_ggml_layer(b, L, n, pos0)
+            return
         for L in self.blocks:
             if n == 1:
                 self._record_decode_layer(b, L, pos0)
@@ -432,6 +486,33 @@ class GPULlama:
                      norm_weight=L.ffn_norm, eps=eps)
         o.matvec(b, L.down.buf, self.gu, self.h, qtype=L.down.qtype, rows=d, k=cfg.n_ff, silu_up_off=cfg.n_ff,
                  accumulate=True)
+
+    def _ggml_project(self, b: Batch, mats: list[Mat], x: Buffer, y: Buffer, n: int, y_stride: int,
+                      accumulate: bool = False, bias: Buffer | None = None) -> None:
+        """numerics="ggml": quantize x (n rows of k) as each matrix type needs, then y (+)= W x."""
+        g, done = self.gops, None
+        for m in mats:
+            if done != m.qtype:
+                g.quantize(b, x, self.xq, n_rows=n, k=m.k, qtype=m.qtype)
+                done = m.qtype
+            g.matmul(b, m.buf, self.xq, y, qtype=m.qtype, rows=m.rows, k=m.k, n_tokens=n, y_stride=y_stride,
+                     y_off=m.out_off, accumulate=accumulate, bias=bias, bias_off=m.out_off)
+
+    def _record_ggml_layer(self, b: Batch, L: Layer, n: int, pos0: int) -> None:
+        cfg, g = self.cfg, self.gops
+        d, eps, hd = cfg.n_embd, cfg.rms_eps, cfg.head_dim
+        g.rmsnorm(b, self.h, L.attn_norm, self.xn, n_rows=n, n=d, eps=eps)
+        self._ggml_project(b, L.qkv, self.xn, self.qkv, n, self.qkv_dim, bias=L.qkv_bias)
+        g.rope_kv(b, self.qkv, L.kv, self.rope_tab, tab_n=self.rope_tab_n, n_tokens=n, n_heads=cfg.n_head,
+                  n_kv_heads=cfg.n_head_kv, head_dim=hd, n_rot=cfg.n_rot, pos0=pos0, ctx=self.n_ctx,
+                  qkv_stride=self.qkv_dim, neox=cfg.rope_neox)
+        g.attention(b, self.qkv, L.kv, self.att, n_tokens=n, n_heads=cfg.n_head, n_kv_heads=cfg.n_head_kv,
+                    head_dim=hd, pos0=pos0, ctx=self.n_ctx, q_stride=self.qkv_dim)
+        self._ggml_project(b, [L.wo], self.att, self.h, n, d, accumulate=True)
+        g.rmsnorm(b, self.h, L.ffn_norm, self.xn, n_rows=n, n=d, eps=eps)
+        self._ggml_project(b, L.gate_up, self.xn, self.gu, n, 2 * cfg.n_ff)
+        g.swiglu(b, self.gu, self.act, n_tokens=n, n=cfg.n_ff)
+        self._ggml_project(b, [L.down], self.act, self.h, n, d, accumulate=True)
 
     def _bias(self, b: Batch, L: Layer, n: int) -> None:
         """Broadcast the q|k|v bias into the n QKV rows (the projection accumulates onto it)."""
@@ -464,8 +545,13 @@ class GPULlama:
         """Logits of the token whose hidden state is at h[h_off:], final RMSNorm fused, and their
         argmax into ``best`` (default self.best): [token id u32, its logit f32 bits]."""
         cfg, out = self.cfg, self.output
-        self.ops.matvec(b, out.buf, self.h, self.logits, qtype=out.qtype, rows=cfg.n_vocab, k=cfg.n_embd,
-                        x_off=h_off, norm_weight=self.output_norm, eps=cfg.rms_eps)
+        if self.gops is not None:
+            self.gops.rmsnorm(b, self.h, self.output_norm, self.xn, n_rows=1, n=cfg.n_embd, eps=cfg.rms_eps,
+                              x_off=h_off)
+            self._ggml_project(b, [out], self.xn, self.logits, 1, cfg.n_vocab)
+        else:
+            self.ops.matvec(b, out.buf, self.h, self.logits, qtype=out.qtype, rows=cfg.n_vocab, k=cfg.n_embd,
+                            x_off=h_off, norm_weight=self.output_norm, eps=cfg.rms_eps)
         self.ops.argmax(b, self.logits, self.best if best is None else best, n=cfg.n_vocab)
 
     async def generate_greedy(self, prompt: Sequence[int], n_new: int, stop: Sequence[int] = (), *,
