@@ -16,6 +16,7 @@ from tabmesh.model import ggml_numerics as g
 from tabmesh.model.config import LlamaConfig
 
 from test_model_gpu import smol_path  # noqa: F401 (fixture)
+from test_model_numpy import q8_0_path, smollm2  # noqa: F401 (fixtures: our Q8_0 re-quantization)
 
 
 @pytest.fixture(scope="module")
@@ -150,32 +151,43 @@ def test_swiglu_equal(gpu, arun, gops):
 
 # -- the whole model ----------------------------------------------------------------------------
 
-GREEDY_PROMPTS = ["short", "code"]  # test_ggml_numerics' default pair; "code" has a near-tie for f32
+CASES = [("Q4_1", "short"), ("Q4_1", "code"), ("Q8_0", "short")]  # "code": a near-tie for f32 numerics
 
 
 @pytest.fixture(scope="module")
-def ggml_model(gpu, arun, smol_path):  # noqa: F811
+def ggml_model(gpu, arun, smol_path, q8_0_path):  # noqa: F811
+    """quant -> the whole model on the GPU in ggml numerics, one in memory at a time."""
     from tabmesh.model.llama_gpu import GPULlama, file_fetcher
 
-    model = arun(GPULlama.load(gpu, read_gguf_path(smol_path), file_fetcher(smol_path), n_ctx=96,
-                               max_batch=64, numerics="ggml"))
-    assert model.numerics == "ggml"
-    return model
+    paths, held = {"Q4_1": smol_path, "Q8_0": q8_0_path}, {}
+
+    def get(quant: str) -> GPULlama:
+        if quant not in held:
+            held.clear()
+            path = paths[quant]
+            held[quant] = arun(GPULlama.load(gpu, read_gguf_path(path), file_fetcher(path), n_ctx=96,
+                                             max_batch=64, numerics="ggml"))
+        assert held[quant].numerics == "ggml"
+        return held[quant]
+
+    return get
 
 
 @pytest.mark.skipif(g._libm() is None, reason="exact RoPE angles need the C library's sincosf (glibc)")
-@pytest.mark.parametrize("name", GREEDY_PROMPTS)
-def test_whole_model_logits_and_32_greedy_tokens_equal_llama_cpp(ggml_model, arun, name):
-    """SmolLM2 Q4_1 on WebGPU in ggml numerics: the prompt's last logits equal llama.cpp's
-    (top-20 and 128 probe ids, 0.0 error) and 32 free-running greedy tokens are llama.cpp's."""
+@pytest.mark.parametrize("quant,name", CASES)
+def test_whole_model_logits_and_32_greedy_tokens_equal_llama_cpp(ggml_model, arun, quant, name):
+    """SmolLM2 (the shipped Q4_1, and our Q8_0 of it) on WebGPU in ggml numerics: the prompt's
+    last logits equal llama.cpp's (top-20 and 128 probe ids: error 0.0) and 32 free-running
+    greedy tokens are llama.cpp's."""
     import json
     from pathlib import Path
 
-    fx = json.loads((Path(__file__).resolve().parents[1] / "fixtures" / "model_q4_1.json").read_text())
+    fx = json.loads((Path(__file__).resolve().parents[1] / "fixtures" / f"model_{quant.lower()}.json").read_text())
     p = next(p for p in fx["prompts"] if p["name"] == name)
     tokens = p["tokens"]
-    logits = arun(ggml_model.forward(tokens, 0, output="logits"))
+    model = ggml_model(quant)
+    logits = arun(model.forward(tokens, 0, output="logits"))
     last = next(r for r in p["positions"] if r["pos"] == len(tokens) - 1)
     np.testing.assert_array_equal(logits[last["top_ids"]], np.float32(last["top_logits"]))
     np.testing.assert_array_equal(logits[fx["probe_ids"]], np.float32(last["probe_logits"]))
-    assert arun(ggml_model.generate_greedy(tokens, 32)) == p["greedy"]["tokens"]
+    assert arun(model.generate_greedy(tokens, 32)) == p["greedy"]["tokens"]
