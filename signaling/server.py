@@ -31,6 +31,7 @@ from tabmesh import __version__
 from tabmesh.mesh import signal_messages as sm
 
 from . import gateway as api_gateway
+from . import numerics as ggml_numerics_api
 from .rooms import Hub, HubLimits, Peer
 from .static import StaticFiles
 
@@ -252,6 +253,7 @@ def make_app(config: ServerConfig) -> web.Application:
     app.on_cleanup.append(on_cleanup)
     app.router.add_get("/ws", websocket_handler)
     app.router.add_get("/healthz", healthz)
+    ggml_numerics_api.install(app)
     api_gateway.install(app, api_gateway.Gateway(config.api_key, config.api_max_queue, config.api_queue_timeout_s))
     app.router.add_routes(static.routes())
     return app

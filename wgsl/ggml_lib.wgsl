@@ -130,3 +130,47 @@ fn dd_div_to_f32(num: f32, den: vec2<f32>) -> f32 {  // (float)(num / (hi + lo))
   let r = hide(hide(hide(num - m.x) - m.y) - hide(q * den.y));  // num - q * (hi + lo), to first order
   return q + hide(r / den.x);
 }
+
+// -- the same, four lanes at a time (the matmul's accumulators) ---------------------------------
+fn hide4(x: vec4<f32>) -> vec4<f32> { return bitcast<vec4<f32>>(bitcast<vec4<u32>>(x) ^ vec4<u32>(p.zero)); }
+
+fn two_sum4(a0: vec4<f32>, b0: vec4<f32>) -> array<vec4<f32>, 2> {
+  let a = hide4(a0);
+  let b = hide4(b0);
+  let s = hide4(a + b);
+  let bb = hide4(s - a);
+  let t = hide4(s - bb);
+  return array<vec4<f32>, 2>(s, hide4(a - t) + hide4(b - bb));
+}
+
+fn split12_4(a: vec4<f32>) -> array<vec4<f32>, 2> {
+  let c = hide4(4097.0 * a);
+  let hi = hide4(c - hide4(c - a));
+  return array<vec4<f32>, 2>(hi, hide4(a - hi));
+}
+
+fn two_prod4(a: f32, b: vec4<f32>) -> array<vec4<f32>, 2> {
+  let p = hide4(a * b);
+  let x = split12(a);
+  let y = split12_4(b);
+  let e1 = hide4(hide4(x.x * y[0]) - p);
+  let e2 = hide4(e1 + hide4(x.x * y[1]));
+  let e3 = hide4(e2 + hide4(x.y * y[0]));
+  return array<vec4<f32>, 2>(p, hide4(e3 + hide4(x.y * y[1])));
+}
+
+fn add_round_odd4(a: vec4<f32>, b: vec4<f32>) -> vec4<f32> {
+  let t = two_sum4(a, b);
+  let bits = bitcast<vec4<u32>>(t[0]);
+  let keep = (t[1] == vec4<f32>(0.0)) | ((bits & vec4<u32>(1u)) == vec4<u32>(1u));
+  let away = (t[1] > vec4<f32>(0.0)) == (t[0] > vec4<f32>(0.0));
+  let moved = select(bits - vec4<u32>(1u), bits + vec4<u32>(1u), away);
+  return bitcast<vec4<f32>>(select(moved, bits, keep));
+}
+
+fn fma_x4(a: f32, b: vec4<f32>, c: vec4<f32>) -> vec4<f32> {  // RN(a * b + c) per lane
+  if (FUSED_FMA) { return fma(vec4<f32>(a), b, c); }
+  let p = two_prod4(a, b);
+  let t = two_sum4(c, p[0]);
+  return t[0] + hide4(add_round_odd4(t[1], p[1]));
+}

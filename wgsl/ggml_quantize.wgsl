@@ -2,8 +2,9 @@
 // quantize_row_q8_1 make them on x86 (AVX path; ggml_numerics._quantize_q8):
 //   amax = max |x_j|; d = amax / 127; id = amax != 0 ? 127 / amax : 0;
 //   q_j = round_half_even(x_j * id); block d = f16(d); Q8_1: s = f16(d * sum_j q_j).
-// Row r (k floats at x_off + r * x_stride) -> k / 32 blocks of 10 words at (r * nb + b) * 10:
-//   [f16(d) as f32 bits, s as f32 bits (0 for Q8_0), 8 words of 4 int8 (element 4w + i in byte i)].
+// Row r (k floats at x_off + r * x_stride) -> k / 32 blocks, block i = r * nb + b:
+//   xq[2i], xq[2i + 1]: the 32 int8 (element 4w + j in byte j of word w);
+//   xd[i] = (f16(d), s) as floats (s = 0 for Q8_0).
 // c127 is 127.0 from a uniform, so no compiler turns the division into a multiplication.
 // One invocation per block. Grid: (min(G, 65535), ceil(G / 65535)) with G = ceil(n_rows * nb / 64).
 
@@ -13,7 +14,8 @@ struct Params { n_rows: u32, k: u32, x_off: u32, x_stride: u32, with_sum: u32, c
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read_write> xq: array<u32>;
+@group(0) @binding(2) var<storage, read_write> xq: array<vec4<u32>>;
+@group(0) @binding(3) var<storage, read_write> xd: array<vec2<f32>>;
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -29,6 +31,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
   let d = amax / p.c127;
   let id = select(0.0, p.c127 / amax, amax != 0.0);
   var total = 0;
+  var words: array<u32, 8>;
   for (var w = 0u; w < 8u; w++) {
     var word = 0u;
     for (var j = 0u; j < 4u; j++) {
@@ -36,8 +39,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
       total += q;
       word |= (u32(q) & 0xffu) << (8u * j);
     }
-    xq[i * 10u + 2u + w] = word;
+    words[w] = word;
   }
-  xq[i * 10u] = bitcast<u32>(f16r(d));
-  xq[i * 10u + 1u] = select(0u, bitcast<u32>(f16r(d * f32(total))), p.with_sum != 0u);
+  xq[2u * i] = vec4<u32>(words[0], words[1], words[2], words[3]);
+  xq[2u * i + 1u] = vec4<u32>(words[4], words[5], words[6], words[7]);
+  xd[i] = vec2<f32>(f16r(d), select(0.0, f16r(d * f32(total)), p.with_sum != 0u));
 }

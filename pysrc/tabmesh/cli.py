@@ -62,7 +62,8 @@ def cmd_generate(args) -> int:
     from .headless import HeadlessTab
     models_dir, name = _model_location(args.model)
     opts = {"prompt": args.prompt, "chat": args.chat, "max_tokens": args.max_tokens,
-            "temperature": args.temperature, "seed": args.seed, "backend": args.backend, "model": name}
+            "temperature": args.temperature, "seed": args.seed, "backend": args.backend, "model": name,
+            "numerics": args.numerics}
     progress = (lambda msg: print(f"[generate] {msg}", file=sys.stderr, flush=True))
     with HeadlessTab(repo_root(), models_dir, progress=progress) as tab:
         if args.backend == "webgpu" and tab.info.get("gpu") is None:
@@ -154,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int)
     p.add_argument("--backend", choices=("webgpu", "numpy"), default="webgpu")
+    p.add_argument("--numerics", choices=("ggml", "f32"),
+                   help="ggml: llama.cpp's arithmetic bit for bit, its tokens (default on webgpu); "
+                        "f32: float32 throughout, faster (the numpy backend's only mode in a tab)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(fn=cmd_generate)
 

@@ -14,7 +14,7 @@ from .api import Client, list_models
 from .api_errors import APIError, ModelNotFoundError
 from .engine import GenerationParams
 from .jsbridge import js, js_error_message
-from .model.loader import generation_summary, load_model
+from .model.loader import DEFAULT_NUMERICS, generation_summary, load_model
 from .sampler import SamplingParams
 
 log = logging.getLogger("tabmesh.llm")
@@ -40,7 +40,10 @@ class LLMService:
         from .model.remote import served_models
         return await served_models("gguf")
 
-    async def load(self, model: str | None = None, backend: str | None = None, n_ctx: int = 2048) -> dict:
+    async def load(self, model: str | None = None, backend: str | None = None, n_ctx: int = 2048,
+                   numerics: str | None = None) -> dict:
+        """Load ``model`` (a served GGUF) on ``backend``; numerics "ggml" (llama.cpp's arithmetic,
+        bit for bit) or "f32", default per backend (loader.DEFAULT_NUMERICS)."""
         served = await self.served_models()
         if not served:
             raise ModelNotFoundError("the server serves no GGUF model: start it with `tabmesh serve --models DIR`",
@@ -50,12 +53,16 @@ class LLMService:
         if model not in names:
             raise ModelNotFoundError(f"model {model!r} is not served here; available: {', '.join(names)}", param="model")
         backend = backend or (self.loaded.backend if self.loaded else self.default_backend)
-        if self.loaded is not None and (self.loaded.model_id, self.loaded.backend) == (model, backend):
+        if numerics is None:
+            same = self.loaded is not None and self.loaded.backend == backend
+            numerics = self.loaded.numerics if same else DEFAULT_NUMERICS.get(backend, "f32")
+        if self.loaded is not None and (self.loaded.model_id, self.loaded.backend,
+                                        self.loaded.numerics) == (model, backend, numerics):
             return self.info()
-        self.on_status(f"loading {model} ({backend})…")
+        self.on_status(f"loading {model} ({backend}, {numerics} numerics)…")
         self.loaded = None
         self.loaded = await load_model(f"/models/{model}", backend=backend, device=self.device, n_ctx=n_ctx,
-                                       on_progress=self.on_progress)
+                                       on_progress=self.on_progress, numerics=numerics)
         self.client = Client(self.loaded.engine)
         for w in self.loaded.warnings:
             log.warning("%s", w)
@@ -68,7 +75,7 @@ class LLMService:
         if self.loaded is None:
             return None
         lm = self.loaded
-        return {"model": lm.model_id, "backend": lm.backend, "loadS": round(lm.load_s, 3),
+        return {"model": lm.model_id, "backend": lm.backend, "numerics": lm.numerics, "loadS": round(lm.load_s, 3),
                 "bytesRead": lm.bytes_read, "cacheHits": lm.cache_hits,
                 "networkBytes": lm.network_bytes, "nCtx": lm.engine.model.n_ctx,
                 "warnings": lm.warnings}
@@ -123,18 +130,18 @@ class LLMService:
 
     # ---- raw generation (the CLI and benchmarks) -------------------------------------------
     async def benchmark(self, opts: dict) -> dict:
-        """{tokens: [...], decode: N, model?, backend?} → prefill/decode figures."""
-        await self.load(opts.get("model"), opts.get("backend"))
+        """{tokens: [...], decode: N, model?, backend?, numerics?} → prefill/decode figures."""
+        await self.load(opts.get("model"), opts.get("backend"), numerics=opts.get("numerics"))
         self.loaded.engine.reset()
         result = await run_model_benchmark(self.loaded.engine.model, [int(t) for t in opts["tokens"]],
                                            int(opts.get("decode", 128)))
         self.loaded.engine.reset()
-        result.update(backend=self.loaded.backend, model=self.loaded.model_id)
+        result.update(backend=self.loaded.backend, model=self.loaded.model_id, numerics=self.loaded.numerics)
         return result
 
     async def generate(self, opts: dict) -> dict:
-        """{prompt, chat?, model?, backend?, max_tokens?, temperature?, seed?} → summary dict."""
-        await self.load(opts.get("model"), opts.get("backend"))
+        """{prompt, chat?, model?, backend?, numerics?, max_tokens?, temperature?, seed?} → summary dict."""
+        await self.load(opts.get("model"), opts.get("backend"), numerics=opts.get("numerics"))
         engine = self.loaded.engine
         prompt = opts["prompt"]
         if opts.get("chat"):
@@ -154,6 +161,7 @@ class LLMService:
                 stats = ev.stats or stats
         summary = generation_summary(tokens, out, "".join(text), stats, self.loaded.load_s)
         summary["backend"] = self.loaded.backend
+        summary["numerics"] = self.loaded.numerics
         summary["model"] = self.loaded.model_id
         timings = getattr(engine.model, "last_timings", {}) or {}
         summary["timings"]["last_forward"] = {k: v for k, v in timings.items() if isinstance(v, (int, float))}
@@ -196,7 +204,7 @@ class ChatPanel:
         self.messages: list[dict] = []
         self.stream_id: str | None = None
         el = self.doc.getElementById
-        self.picker, self.backend = el("model-picker"), el("backend")
+        self.picker, self.backend, self.numerics = el("model-picker"), el("backend"), el("numerics")
         self.log, self.input, self.stats = el("chat-log"), el("chat-input"), el("chat-stats")
         self.send_btn, self.stop_btn = el("send"), el("stop")
         el("chat-form").addEventListener("submit", proxies(self._on_submit))
@@ -217,9 +225,13 @@ class ChatPanel:
 
     async def _load(self) -> None:
         try:
-            await self.service.load(self.picker.value or None, self.backend.value)
+            await self.service.load(self.picker.value or None, self.backend.value, numerics=self._numerics())
         except Exception as exc:
             self.show_error(f"loading the model failed: {js_error_message(exc)}")
+
+    def _numerics(self) -> str:
+        """The picker's numerics; llama.cpp-exact runs on WebGPU only (numpy in a tab is f32)."""
+        return self.numerics.value if self.backend.value == "webgpu" else "f32"
 
     def _bubble(self, role: str, text: str):
         div = self.doc.createElement("div")
@@ -257,7 +269,7 @@ class ChatPanel:
         self.send_btn.disabled, self.stop_btn.disabled = True, False
         answer, t0, first, n = [], time.perf_counter(), None, 0
         try:
-            await self.service.load(self.picker.value or None, self.backend.value)
+            await self.service.load(self.picker.value or None, self.backend.value, numerics=self._numerics())
             sid = self.stream_id = await self.service.chat_open(
                 {"messages": self.messages, "stream": True, "stream_options": {"include_usage": True},
                  **CHAT_PANEL_SAMPLING})

@@ -309,7 +309,8 @@ class Page:
 
         async def llm_load(opts=None):
             opts = as_dict(opts) if opts is not None else {}
-            return await llm.load(opts.get("model"), opts.get("backend"), int(opts.get("nCtx", 2048)))
+            return await llm.load(opts.get("model"), opts.get("backend"), int(opts.get("nCtx", 2048)),
+                                  opts.get("numerics"))
 
         async def llm_generate(opts):
             return await llm.generate(as_dict(opts))

@@ -35,6 +35,21 @@ def test_greedy_tokens_equal_llama_cpp(llm_node, backend):
         assert out["timings"][key] > 0, key
 
 
+def test_ggml_numerics_give_llama_cpps_32_greedy_tokens(llm_node):
+    """numerics="ggml" on WebGPU (SwiftShader here): llama.cpp's arithmetic bit for bit, so all
+    32 greedy tokens are llama.cpp's, past step 5 where f32 numerics part from them (a near-tie,
+    gap 0.33). The RoPE table comes from the server's glibc (GET /api/ggml-rope)."""
+    ref = fixture_prompt("short")
+    out = llm_node.page.evaluate("(o) => tabmesh.llm.generate(o)",
+                                 {"prompt": ref["text"], "max_tokens": 32, "backend": "webgpu",
+                                  "numerics": "ggml"})
+    assert (out["backend"], out["numerics"]) == ("webgpu", "ggml")
+    assert out["prompt_tokens"] == ref["tokens"]
+    assert out["tokens"] == ref["greedy"]["tokens"] and len(out["tokens"]) == 32
+    info = llm_node.page.evaluate("tabmesh.llm.info()")
+    assert info["numerics"] == "ggml" and not info["warnings"]
+
+
 def test_chat_completions_whole_streamed_and_errors(llm_node):
     page = llm_node.page
     page.evaluate("tabmesh.llm.load({backend: 'numpy'})")

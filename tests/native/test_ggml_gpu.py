@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tabmesh.gguf import read_gguf_path
-from tabmesh.gpu.ggml_ops import QBLOCK_WORDS, GgmlOps, probe_inputs
+from tabmesh.gpu.ggml_ops import GgmlOps, probe_inputs
 from tabmesh.gpu.reference import Q4_1, Q8_0
 from tabmesh.model import ggml_numerics as g
 from tabmesh.model.config import LlamaConfig
@@ -64,14 +64,17 @@ def test_quantize_equal(gpu, arun, gops, qtype):
     x[0, :32] = 0  # an all-zero block: d = 0, id = 0
     x[1, :32] = np.float32(0.5) * np.arange(-16, 16, dtype=np.float32) / np.float32(127 / 16)  # ties
     nb = 576 // 32
-    bx, bq = gpu.upload(x.reshape(-1)), gpu.create_buffer(7 * nb * QBLOCK_WORDS * 4)
-    raw = run(gpu, arun, lambda b: gops.quantize(b, bx, bq, n_rows=7, k=576, qtype=qtype), bq,
-              7 * nb * QBLOCK_WORDS, np.uint32).reshape(7, nb, QBLOCK_WORDS)
+    bx, bq, bd = gpu.upload(x.reshape(-1)), gpu.create_buffer(7 * nb * 32), gpu.create_buffer(7 * nb * 8)
+
+    def record(b):
+        gops.quantize(b, bx, bq, bd, n_rows=7, k=576, qtype=qtype)
+
+    quants = run(gpu, arun, record, bq, 7 * nb * 8, np.uint32).view(np.int8).reshape(7, nb, 32)
+    ds = run(gpu, arun, record, bd, 7 * nb * 2).reshape(7, nb, 2)
     want = (g.quantize_row_q8_1 if qtype == Q4_1 else g.quantize_row_q8_0)(x)
-    np.testing.assert_array_equal(raw[..., 0].view(np.float32), want.d)
-    np.testing.assert_array_equal(raw[..., 2:].copy().view(np.int8).reshape(7, nb, 32), want.q)
-    if qtype == Q4_1:
-        np.testing.assert_array_equal(raw[..., 1].view(np.float32), want.s)
+    np.testing.assert_array_equal(ds[..., 0], want.d)
+    np.testing.assert_array_equal(quants, want.q)
+    np.testing.assert_array_equal(ds[..., 1], want.s if qtype == Q4_1 else 0)
 
 
 @pytest.mark.parametrize("name,n_tokens", [("blk.0.attn_q.weight", 1), ("blk.3.ffn_down.weight", 3),
@@ -91,13 +94,16 @@ def test_matmul_equal_on_the_model_matrices(gpu, arun, gops, smol_path, name, n_
     rng = np.random.default_rng(3)
     x = activations(rng, (n_tokens, k))
     prev = rng.standard_normal((n_tokens, rows)).astype(np.float32)
-    bw, bx = gpu.upload(raw), gpu.upload(x.reshape(-1))
-    bq, by = gpu.create_buffer(n_tokens * (k // 32) * QBLOCK_WORDS * 4), gpu.upload(prev.reshape(-1))
+    quants, scales = GgmlOps.repack(raw, info.ggml_type, rows, k)
+    bw, bs, bx = gpu.upload(quants), gpu.upload(scales), gpu.upload(x.reshape(-1))
+    nb = k // 32
+    bq, bd = gpu.create_buffer(n_tokens * nb * 32), gpu.create_buffer(n_tokens * nb * 8)
+    by = gpu.upload(prev.reshape(-1))
 
     def record(b):
-        gops.quantize(b, bx, bq, n_rows=n_tokens, k=k, qtype=info.ggml_type)
-        gops.matmul(b, bw, bq, by, qtype=info.ggml_type, rows=rows, k=k, n_tokens=n_tokens, y_stride=rows,
-                    accumulate=True)
+        gops.quantize(b, bx, bq, bd, n_rows=n_tokens, k=k, qtype=info.ggml_type)
+        gops.matmul(b, bw, bs, bq, bd, by, qtype=info.ggml_type, rows=rows, k=k, n_tokens=n_tokens,
+                    y_stride=rows, accumulate=True)
 
     got = run(gpu, arun, record, by, n_tokens * rows).reshape(n_tokens, rows)
     np.testing.assert_array_equal(got, wq.matmul(x) + prev)

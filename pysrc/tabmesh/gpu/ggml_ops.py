@@ -26,11 +26,12 @@ import numpy as np
 
 from .device import Batch, Buffer, Device
 from .errors import GPUError
-from .ops import split_grid
+from .ops import cpu_workgroup_size, split_grid
 from .reference import Q4_1, Q8_0, TYPE_NAMES
 
 GGML_TYPES = (Q4_1, Q8_0)
-QBLOCK_WORDS = 10  # one quantized activation block: d, s, 8 words of int8
+QUANT_BYTES = {Q4_1: 16, Q8_0: 32}  # a block's quants, apart from its scales (``repack``)
+BLOCK_BYTES = {Q4_1: 20, Q8_0: 34}
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -61,8 +62,8 @@ def probe_inputs(n: int = 4096, seed: int = 7) -> np.ndarray:
 class GgmlOps:
     """Records the numerics="ggml" kernels into a Batch; see the module docstring."""
 
-    def __init__(self, dev: Device, kernels: dict, fused_fma: bool):
-        self.dev, self.k, self.fused_fma = dev, kernels, fused_fma
+    def __init__(self, dev: Device, kernels: dict, fused_fma: bool, matmul_wg: int = 64):
+        self.dev, self.k, self.fused_fma, self.matmul_wg = dev, kernels, fused_fma, matmul_wg
         self._bufs: dict[str, Buffer] = {}
 
     @classmethod
@@ -77,9 +78,10 @@ class GgmlOps:
         for lanes in (16, 64):
             k[f"attn_probs_{lanes}"] = await dev.kernel("ggml_attn_probs", LANES=lanes, **c)
             k[f"attn_out_{lanes}"] = await dev.kernel("ggml_attn_out", LANES=lanes)
+        wg = cpu_workgroup_size(dev) if dev.info.get("cpu_adapter") else 64  # CPU: its SIMD width
         for t in sorted(set(matrix_types)):
-            k[f"matmul_{t}"] = await dev.kernel("ggml_matmul", QTYPE=t, **c)
-        return cls(dev, k, fused)
+            k[f"matmul_{t}"] = await dev.kernel("ggml_matmul", QTYPE=t, WG=wg, **c)
+        return cls(dev, k, fused, wg)
 
     @staticmethod
     async def probe(dev: Device) -> bool:
@@ -112,6 +114,26 @@ class GgmlOps:
                                        f"on this adapter: numerics='ggml' is not available here")
         return bool(np.array_equal(got[:, 0], fused))
 
+    @staticmethod
+    def repack(raw, qtype: int, rows: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Raw GGUF blocks -> (quants, scales): the quants of every block back to back (16 B of
+        nibbles for Q4_1, 32 int8 for Q8_0: whole 16-byte loads) and one u32 per block (f16 d
+        and f16 m for Q4_1, f16 d for Q8_0). On SwiftShader a storage load costs about the same
+        for 16 bytes as for 4, and Q8_0's 34-byte blocks are not even word-aligned."""
+        if qtype not in GGML_TYPES or k % 32:
+            raise ValueError(f"ggml repack: {TYPE_NAMES.get(qtype, qtype)} {rows}x{k} is not a Q4_1 / Q8_0 "
+                             f"matrix of whole blocks")
+        n = rows * (k // 32)
+        data = np.frombuffer(raw, np.uint8) if not isinstance(raw, np.ndarray) else raw.reshape(-1).view(np.uint8)
+        if data.size != n * BLOCK_BYTES[qtype]:
+            raise ValueError(f"ggml repack: {data.size} bytes is not a {TYPE_NAMES[qtype]} {rows}x{k} matrix")
+        blocks = data.reshape(n, BLOCK_BYTES[qtype])
+        head = 4 if qtype == Q4_1 else 2
+        quants = np.ascontiguousarray(blocks[:, head:]).view(np.uint32).reshape(-1)
+        scales = np.zeros((n, 4), np.uint8)
+        scales[:, :head] = blocks[:, :head]
+        return quants, scales.view(np.uint32).reshape(-1)
+
     def scratch(self, purpose: str, nbytes: int) -> Buffer:
         """An ops-owned buffer of at least nbytes, grown on demand (the old one is dropped, not
         destroyed: a batch not yet submitted may still use it)."""
@@ -132,29 +154,37 @@ class GgmlOps:
         b.dispatch(self.k["rmsnorm"], (_cdiv(n_rows, 64), 1, 1), x=x, w=w, y=y, n_rows=n_rows, n=n,
                    x_off=x_off, x_stride=x_stride, eps=float(np.float32(eps)), zero=0)
 
-    def quantize(self, b: Batch, x: Buffer, xq: Buffer, *, n_rows: int, k: int, qtype: int,
+    def quantize(self, b: Batch, x: Buffer, xq: Buffer, xd: Buffer, *, n_rows: int, k: int, qtype: int,
                  x_off: int = 0, x_stride: int | None = None) -> None:
-        """Rows of x -> the activation blocks a ``qtype`` matmul takes (Q8_1 / Q8_0)."""
+        """Rows of x -> the activation blocks a ``qtype`` matmul takes (Q8_1 / Q8_0): int8
+        quants into xq (8 words a block), (d, s) into xd (2 floats a block)."""
         if k % 32:
             raise ValueError(f"ggml quantize: rows of {k} are not whole blocks of 32")
         x_stride = k if x_stride is None else x_stride
+        n = n_rows * (k // 32)
         _need(x, x_off + (n_rows - 1) * x_stride + k, "ggml quantize x")
-        _need(xq, n_rows * (k // 32) * QBLOCK_WORDS, "ggml quantize out")
-        b.dispatch(self.k["quantize"], split_grid(_cdiv(n_rows * (k // 32), 64)), x=x, xq=xq, n_rows=n_rows,
+        _need(xq, 8 * n, "ggml quantize xq")
+        _need(xd, 2 * n, "ggml quantize xd")
+        b.dispatch(self.k["quantize"], split_grid(_cdiv(n, 64)), x=x, xq=xq, xd=xd, n_rows=n_rows,
                    k=k, x_off=x_off, x_stride=x_stride, with_sum=int(qtype == Q4_1), c127=127.0, zero=0)
 
-    def matmul(self, b: Batch, w: Buffer, xq: Buffer, y: Buffer, *, qtype: int, rows: int, k: int,
-               n_tokens: int, y_stride: int, y_off: int = 0, accumulate: bool = False,
+    def matmul(self, b: Batch, wq: Buffer, wd: Buffer, xq: Buffer, xd: Buffer, y: Buffer, *, qtype: int,
+               rows: int, k: int, n_tokens: int, y_stride: int, y_off: int = 0, accumulate: bool = False,
                bias: Buffer | None = None, bias_off: int = 0) -> None:
-        """y[t * y_stride + y_off + r] (+)= (W xq_t)[r] (+ bias[bias_off + r])."""
+        """y[t * y_stride + y_off + r] (+)= (W x_t)[r] (+ bias[bias_off + r]); W as ``repack``
+        gives it (wq quants, wd scales), x as ``quantize`` gives it."""
         key = f"matmul_{qtype}"
         if key not in self.k:
             raise ValueError(f"no ggml matmul compiled for {TYPE_NAMES.get(qtype, qtype)}")
-        _need(xq, n_tokens * (k // 32) * QBLOCK_WORDS, "ggml matmul xq")
+        nb = k // 32
+        _need(wq, rows * nb * QUANT_BYTES[qtype] // 4, "ggml matmul weights")
+        _need(wd, rows * nb, "ggml matmul scales")
+        _need(xq, n_tokens * nb * 8, "ggml matmul xq")
+        _need(xd, n_tokens * nb * 2, "ggml matmul xd")
         _need(y, (n_tokens - 1) * y_stride + y_off + rows, "ggml matmul y")
         if bias is not None:
             _need(bias, bias_off + rows, "ggml matmul bias")
-        b.dispatch(self.k[key], split_grid(_cdiv(rows * n_tokens, 64)), w=w, xq=xq, y=y,
+        b.dispatch(self.k[key], split_grid(_cdiv(rows * n_tokens, self.matmul_wg)), wq=wq, wd=wd, xq=xq, xd=xd, y=y,
                    bias=bias if bias is not None else self.scratch("no-bias", 16), rows=rows, k=k,
                    n_tokens=n_tokens, y_stride=y_stride, y_off=y_off, acc_y=int(accumulate),
                    has_bias=int(bias is not None), bias_off=bias_off, zero=0)

@@ -457,18 +457,23 @@ def rope_tables(cfg: LlamaConfig, start_pos: int, n_tokens: int) -> tuple[np.nda
     cos, sin = _ROPE_CACHE.get(key, (np.zeros((0, half), np.float32),) * 2)
     end = start_pos + n_tokens
     if cos.shape[0] < end:
-        n = max(end, 2 * cos.shape[0], 64)
-        expo = np.float32(-2.0) / np.float32(cfg.n_rot)
-        lib = _libm()
-        theta_scale = (np.float32(lib.powf(cfg.rope_base, expo)) if lib is not None else
-                       np.float32(np.float64(np.float32(cfg.rope_base)) ** np.float64(expo)))
-        theta = np.empty((n, half), np.float32)
-        theta[:, 0] = np.arange(n, dtype=np.float32)
-        for i in range(1, half):
-            theta[:, i] = theta[:, i - 1] * theta_scale
-        cos, sin = _sincos(np.float32(cfg.rope_freq_scale) * theta)
+        cos, sin = rope_cos_sin(cfg.rope_base, cfg.n_rot, cfg.rope_freq_scale, max(end, 2 * cos.shape[0], 64))
         _ROPE_CACHE[key] = (cos, sin)
     return cos[start_pos:end, None, :], sin[start_pos:end, None, :]
+
+
+def rope_cos_sin(rope_base: float, n_rot: int, freq_scale: float, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin (n, n_rot / 2) for positions 0 .. n - 1 (ggml_rope_cache_init), uncached."""
+    half = n_rot // 2
+    expo = np.float32(-2.0) / np.float32(n_rot)
+    lib = _libm()
+    theta_scale = (np.float32(lib.powf(rope_base, expo)) if lib is not None else
+                   np.float32(np.float64(np.float32(rope_base)) ** np.float64(expo)))
+    theta = np.empty((n, half), np.float32)
+    theta[:, 0] = np.arange(n, dtype=np.float32)
+    for i in range(1, half):
+        theta[:, i] = theta[:, i - 1] * theta_scale
+    return _sincos(np.float32(freq_scale) * theta)
 
 
 def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, neox: bool) -> np.ndarray:

@@ -62,7 +62,7 @@ import numpy as np
 
 from tabmesh.errors import GGUFError, UnsupportedQuantError
 from tabmesh.gpu.device import Batch, Buffer, Device
-from tabmesh.gpu.ggml_ops import GGML_TYPES, QBLOCK_WORDS, GgmlOps
+from tabmesh.gpu.ggml_ops import GGML_TYPES, GgmlOps
 from tabmesh.gpu.ops import EMBED_TYPES, MATMUL_TYPES, MATRIX_TYPES, Ops
 from tabmesh.gpu.reference import F32, TYPE_NAMES
 
@@ -112,9 +112,9 @@ def plan_requests(gguf, names: Sequence[str], chunk_bytes: int = DEFAULT_CHUNK_B
 def ggml_rope_table(cfg: LlamaConfig, n_pos: int) -> np.ndarray:
     """numerics="ggml"'s RoPE table for positions 0 .. n_pos - 1: cos (n_pos, n_rot / 2) then
     sin, float32, as ggml_rope_cache_init computes them with the C library's powf/sincosf."""
-    from .ggml_numerics import rope_tables
+    from .ggml_numerics import rope_cos_sin
 
-    cos, sin = rope_tables(cfg, 0, n_pos)
+    cos, sin = rope_cos_sin(cfg.rope_base, cfg.n_rot, cfg.rope_freq_scale, n_pos)
     return np.concatenate([cos.reshape(-1), sin.reshape(-1)])
 
 
@@ -128,6 +128,7 @@ class Mat:
     rows: int
     k: int
     out_off: int = 0
+    scales: Buffer | None = None  # numerics="ggml": buf holds the quants, this the block scales
 
 
 @dataclass
@@ -162,7 +163,8 @@ class GPULlama:
         self.numerics = "f32"
         self.gops: GgmlOps | None = None  # numerics="ggml": its kernels, rope table and buffers
         self.rope_tab: Buffer | None = None
-        self.xq: Buffer | None = None
+        self.xq: Buffer | None = None  # quantized activations: int8 quants, and (d, s) per block
+        self.xd: Buffer | None = None
         self.last_timings: dict = {}
         # one call at a time: calls share the activation buffers, and a tab's event loop could
         # otherwise interleave two of them at their awaits
@@ -257,7 +259,9 @@ class GPULlama:
         self.rope_tab_n = tab.size // (2 * half)
         self.rope_tab = self.dev.upload(tab, "ggml-rope")
         k_max = max(cfg.n_embd, cfg.q_dim, cfg.n_ff)
-        self.xq = self.dev.create_buffer(self.max_batch * (k_max // 32) * QBLOCK_WORDS * 4, "ggml-xq")
+        blocks = self.max_batch * (k_max // 32)
+        self.xq = self.dev.create_buffer(blocks * 32, "ggml-xq")
+        self.xd = self.dev.create_buffer(blocks * 8, "ggml-xd")
         self.numerics = "ggml"
 
     def _prepare_matrices(self) -> None:
@@ -313,14 +317,15 @@ class GPULlama:
         if name == "output_norm.weight":
             self.output_norm = self._upload(self._vector(gguf, name, raw), name)
             return
-        mat = Mat(self._upload(raw, name), info.ggml_type, cfg.n_vocab, cfg.n_embd)
         if name == "token_embd.weight":
+            table = Mat(self._upload(raw, name), info.ggml_type, cfg.n_vocab, cfg.n_embd)
             if self.is_first:
-                self.tok_embd = mat
+                self.tok_embd = table
             if self.is_last and cfg.tied_output:
-                self.output = mat
+                self.output = table if self.gops is None else self._matrix(raw, info.ggml_type, cfg.n_vocab,
+                                                                             cfg.n_embd, "output")
         elif name == "output.weight":
-            self.output = mat
+            self.output = self._matrix(raw, info.ggml_type, cfg.n_vocab, cfg.n_embd, name)
 
     def _fused(self, gguf, i: int, raws: dict, suffixes: Sequence[str], label: str) -> list[Mat]:
         """One matrix of the row-concatenated tensors when their types agree, else one each."""
@@ -329,17 +334,25 @@ class GPULlama:
         k = infos[0].np_shape[1]
         if len({t.ggml_type for t in infos}) == 1:
             data = b"".join(bytes(raws[s]) for s in suffixes)
-            return [Mat(self._upload(data, f"blk.{i}.{label}"), infos[0].ggml_type, sum(rows), k)]
+            return [self._matrix(data, infos[0].ggml_type, sum(rows), k, f"blk.{i}.{label}")]
         offs = np.cumsum([0] + rows[:-1])
-        return [Mat(self._upload(raws[s], f"blk.{i}.{s}"), t.ggml_type, r, k, int(o))
+        return [self._matrix(raws[s], t.ggml_type, r, k, f"blk.{i}.{s}", int(o))
                 for s, t, r, o in zip(suffixes, infos, rows, offs)]
+
+    def _matrix(self, raw, qtype: int, rows: int, k: int, label: str, out_off: int = 0) -> Mat:
+        """A weight matrix on the GPU: its raw GGUF bytes, or in numerics="ggml" its quants and
+        block scales apart (GgmlOps.repack)."""
+        if self.gops is None:
+            return Mat(self._upload(raw, label), qtype, rows, k, out_off)
+        quants, scales = self.gops.repack(raw, qtype, rows, k)
+        return Mat(self._upload(quants, label), qtype, rows, k, out_off, self._upload(scales, f"{label}-scales"))
 
     def _make_layer(self, gguf, i: int, raws: dict) -> Layer:
         cfg = self.cfg
 
         def mat(s: str) -> Mat:
             t = gguf.tensors[f"blk.{i}.{s}"]
-            return Mat(self._upload(raws[s], f"blk.{i}.{s}"), t.ggml_type, *t.np_shape)
+            return self._matrix(raws[s], t.ggml_type, *t.np_shape, f"blk.{i}.{s}")
 
         def vec(s: str) -> np.ndarray:
             return self._vector(gguf, f"blk.{i}.{s}", raws[s])
@@ -493,9 +506,9 @@ class GPULlama:
         g, done = self.gops, None
         for m in mats:
             if done != m.qtype:
-                g.quantize(b, x, self.xq, n_rows=n, k=m.k, qtype=m.qtype)
+                g.quantize(b, x, self.xq, self.xd, n_rows=n, k=m.k, qtype=m.qtype)
                 done = m.qtype
-            g.matmul(b, m.buf, self.xq, y, qtype=m.qtype, rows=m.rows, k=m.k, n_tokens=n, y_stride=y_stride,
+            g.matmul(b, m.buf, m.scales, self.xq, self.xd, y, qtype=m.qtype, rows=m.rows, k=m.k, n_tokens=n, y_stride=y_stride,
                      y_off=m.out_off, accumulate=accumulate, bias=bias, bias_off=m.out_off)
 
     def _record_ggml_layer(self, b: Batch, L: Layer, n: int, pos0: int) -> None:
