@@ -365,3 +365,31 @@ def test_fuzz_keeps_the_server_alive(tmp_path):
                 await asyncio.sleep(0.02)
             assert (await srv.health())["connections"] == 2
     run(go(), timeout=15.0)
+
+
+def test_ggml_rope_table_endpoint(tmp_path):
+    """GET /api/ggml-rope: llama.cpp's RoPE table from the server's C library, bounded and
+    validated (signaling/numerics.py)."""
+    import numpy as np
+
+    from signaling.numerics import libm_name
+    from tabmesh.model.ggml_numerics import rope_cos_sin
+
+    async def go():
+        async with serving(tmp_path) as s:
+            url = s.base + "/api/ggml-rope"
+            q = {"base": "100000.0", "n_rot": "64", "freq_scale": "1.0", "n": "300"}
+            async with s.session.get(url, params=q) as r:
+                assert r.status == 200 and r.headers["X-Tabmesh-Libm"] == libm_name()
+                table = np.frombuffer(await r.read(), "<f4")
+            cos, sin = rope_cos_sin(100000.0, 64, 1.0, 300)
+            assert np.array_equal(table, np.concatenate([cos.ravel(), sin.ravel()]))
+            bad = [{**q, "n_rot": "63"}, {**q, "n": "0"}, {**q, "base": "nan"}, {**q, "base": "x"},
+                   {**q, "n": str(1 << 20)}, {k: v for k, v in q.items() if k != "n"}]
+            for params in bad:
+                async with s.session.get(url, params=params) as r:
+                    assert r.status == 400, params
+                    assert (await r.text()).strip()
+            assert (await s.health())["ok"] is not False  # the server keeps working
+
+    run(go(), timeout=30)
