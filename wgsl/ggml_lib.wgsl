@@ -2,15 +2,18 @@
 // (pysrc/tabmesh/model/ggml_numerics.py is the numpy statement of every op).
 // Included by the ggml_*.wgsl kernels (`//!include ggml_lib`); declares no bindings.
 //
-// WGSL guarantees correctly rounded +, -, * and round-half-even round(); the load-time
-// probe (gpu/ggml_ops.py) also checks / and sqrt and refuses an adapter where they are not
-// correctly rounded. It does NOT guarantee a fused fma (lavapipe's is a multiply and an add),
-// so fma_x emulates one rounding unless the probe found fma fused (FUSED_FMA):
-// Dekker's exact product, then Boldo & Melquiond's "emulation of FMA with rounding to odd"
+// WGSL guarantees correctly rounded +, -, * and round-half-even round(), but not / or sqrt
+// (2.5 ulp allowed: NVIDIA's division is off in ~1/4 of cases) nor a fused fma (lavapipe's
+// and SwiftShader's are a multiply and an add). The load-time probe (gpu/ggml_ops.py) finds
+// out which the adapter has (EXACT_DIV, EXACT_SQRT, FUSED_FMA); where it lacks one, div_x,
+// sqrt_x and fma_x compute the correctly rounded result from exact residuals: Dekker's exact
+// product, and for fma Boldo & Melquiond's emulation with rounding to odd
 // (RN(th + RO(tl + pl)) = RN(a * b + c) exactly, for float32 without underflow).
 // The sums llama.cpp takes in double are kept as double-float pairs (hi, lo).
 
 override FUSED_FMA: bool = false;
+override EXACT_DIV: bool = true;
+override EXACT_SQRT: bool = true;
 
 const LOG2E: f32 = 1.44269502162933349609375;      // 0x1.715476p+0
 const EXP_R: f32 = 12582912.0;                      // 0x1.8p23
@@ -68,6 +71,47 @@ fn fma_x(a: f32, b: f32, c: f32) -> f32 {  // RN(a * b + c), one rounding
   return t.x + hide(add_round_odd(t.y, p.y));
 }
 
+fn div_residual(a: f32, b: f32, q: f32) -> f32 {  // a - q * b, rounded once (|q| near |a / b|)
+  let m = two_prod(q, b);
+  return hide(hide(a - m.x) - m.y);
+}
+
+fn div_x(a: f32, b: f32) -> f32 {  // RN(a / b) for finite a, nonzero b, |b| < 2^115
+  let q0 = a / b;
+  if (EXACT_DIV || a == 0.0) { return q0; }
+  let q = hide(q0 + hide(div_residual(a, b, q0) / b));  // within an ulp now
+  // the nearest float to a / b leaves the smallest |a - c * b| (a quotient is never a midpoint)
+  let bits = bitcast<u32>(q);
+  let lo = bitcast<f32>(bits - 1u);
+  let hi = bitcast<f32>(bits + 1u);
+  var best = q;
+  var err = abs(div_residual(a, b, q));
+  let e_lo = abs(div_residual(a, b, lo));
+  if (e_lo < err) { best = lo; err = e_lo; }
+  if (abs(div_residual(a, b, hi)) < err) { best = hi; }
+  return best;
+}
+
+fn sqrt_x(x: f32) -> f32 {  // RN(sqrt(x)) for x > 0 (normal)
+  let s0 = sqrt(x);
+  if (EXACT_SQRT) { return s0; }
+  // c is RN(sqrt(x)) iff x lies between (c - u/2)^2 and (c + u/2)^2, u = ulp(c); try c = s0 and
+  // its neighbours, comparing x with the squared midpoints exactly (double-float sums)
+  var c = bitcast<f32>(bitcast<u32>(s0) - 1u);
+  for (var k = 0u; k < 3u; k++) {
+    let u = bitcast<f32>(bitcast<u32>(c) + 1u) - c;  // ulp above c (exact)
+    let sq = two_prod(c, c);
+    // x - (c + u/2)^2 = (x - c^2) - c u - u^2 / 4, and x - (c - u/2)^2 = (x - c^2) + c u - u^2 / 4
+    let r = two_sum(x, -sq.x);
+    let base = hide(r.y - sq.y);
+    let above = r.x + hide(base - hide(c * u + 0.25 * u * u));
+    let below = r.x + hide(base + hide(c * u - 0.25 * u * u));
+    if (above < 0.0 && below > 0.0) { return c; }
+    c = bitcast<f32>(bitcast<u32>(c) + 1u);
+  }
+  return s0;
+}
+
 fn f16r(x: f32) -> f32 {  // nearest f16 (ties to even, beyond 65504 inf: F16C), as f32
   let b = bitcast<u32>(x);
   let s = b & 0x80000000u;
@@ -119,16 +163,16 @@ fn dd_add(acc: vec2<f32>, x: f32) -> vec2<f32> {
 }
 
 fn dd_over_f32(s: vec2<f32>, n: f32) -> f32 {  // (float)((hi + lo) / n)
-  let q = s.x / n;
+  let q = div_x(s.x, n);
   let m = two_prod(q, n);
-  return q + hide(hide(hide(hide(s.x - m.x) - m.y) + s.y) / n);
+  return q + hide(div_x(hide(hide(hide(s.x - m.x) - m.y) + s.y), n));
 }
 
 fn dd_div_to_f32(num: f32, den: vec2<f32>) -> f32 {  // (float)(num / (hi + lo))
-  let q = num / den.x;
+  let q = div_x(num, den.x);
   let m = two_prod(q, den.x);
   let r = hide(hide(hide(num - m.x) - m.y) - hide(q * den.y));  // num - q * (hi + lo), to first order
-  return q + hide(r / den.x);
+  return q + hide(div_x(r, den.x));
 }
 
 // -- the same, four lanes at a time (the matmul's accumulators) ---------------------------------

@@ -28,8 +28,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
   let base = p.x_off + r * p.x_stride + b * 32u;
   var amax = 0.0;
   for (var j = 0u; j < 32u; j++) { amax = max(amax, abs(x[base + j])); }
-  let d = amax / p.c127;
-  let id = select(0.0, p.c127 / amax, amax != 0.0);
+  let d = div_x(amax, p.c127);
+  var id = 0.0;
+  if (amax != 0.0) { id = div_x(p.c127, amax); }
   var total = 0;
   var words: array<u32, 8>;
   for (var w = 0u; w < 8u; w++) {

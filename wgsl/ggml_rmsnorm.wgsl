@@ -24,7 +24,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     acc = dd_add(acc, v * v);
   }
   let mean = dd_over_f32(acc, f32(p.n));
-  let scale = 1.0 / sqrt(mean + p.eps);
+  let scale = div_x(1.0, sqrt_x(mean + p.eps));
   for (var i = 0u; i < p.n; i++) {
     y[r * p.n + i] = (x[base + i] * scale) * w[i];
   }

@@ -26,11 +26,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
   if (e.y == 0.0) {
     var num = g;
     var den = p.one + e.x;
-    if (den > 1e30) {  // lavapipe divides through a reciprocal that flushes to 0 past 2^126:
-      num = hide(num * 0.0009765625);  // scale both by 2^-10, exactly (the quotient is unchanged)
-      den = hide(den * 0.0009765625);
+    if (den > 1e30) {  // lavapipe divides through a reciprocal that flushes to 0 past 2^126, and
+      num = hide(num * 0.00000095367431640625);  // div_x needs |den| < 2^115: scale both by
+      den = hide(den * 0.00000095367431640625);  // 2^-20, exactly (the quotient is unchanged)
     }
-    y = (num / den) * u;
+    y = div_x(num, den) * u;
   }
   out[i] = y;
 }

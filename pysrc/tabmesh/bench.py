@@ -282,6 +282,10 @@ def llama_cpp_python() -> str | None:
     return None
 
 
+GGML_PROMPT_TOKENS = 128  # numerics="ggml" in the tab: prompt and decode lengths of its (slower) run
+GGML_DECODE_TOKENS = 16
+
+
 def bench_llm(root: Path, prompt_len: int, n_decode: int, threads: int, webgpu_decode: int) -> list[dict]:
     import os
     import subprocess
@@ -314,7 +318,16 @@ def bench_llm(root: Path, prompt_len: int, n_decode: int, threads: int, webgpu_d
             _progress(f"WebGPU in headless Chromium ({tab.info['gpu']['architecture']}): "
                       f"{prompt_len}-token prefill, {webgpu_decode} decode steps…")
             figures["webgpu (tab)"] = tab.page.evaluate(
-                "(o) => tabmesh.llm.benchmark(o)", {"tokens": tokens, "decode": webgpu_decode, "backend": "webgpu"})
+                "(o) => tabmesh.llm.benchmark(o)", {"tokens": tokens, "decode": webgpu_decode, "backend": "webgpu",
+                                                    "numerics": "f32"})
+            # llama.cpp-exact numerics: ~3-4x slower on a software adapter, so a shorter run
+            short = tokens[:min(len(tokens), GGML_PROMPT_TOKENS)]
+            _progress(f"WebGPU, numerics='ggml' (llama.cpp bit for bit): {len(short)}-token prefill, "
+                      f"{min(webgpu_decode, GGML_DECODE_TOKENS)} decode steps…")
+            fig = tab.page.evaluate("(o) => tabmesh.llm.benchmark(o)",
+                                    {"tokens": short, "decode": min(webgpu_decode, GGML_DECODE_TOKENS),
+                                     "backend": "webgpu", "numerics": "ggml"})
+            figures["webgpu, ggml numerics (tab)"] = fig
         _progress("numpy backend in the tab (Pyodide)…")
         figures["numpy (tab, Pyodide)"] = tab.page.evaluate(
             "(o) => tabmesh.llm.benchmark(o)", {"tokens": tokens, "decode": min(n_decode, 16), "backend": "numpy"})
@@ -324,7 +337,7 @@ def bench_llm(root: Path, prompt_len: int, n_decode: int, threads: int, webgpu_d
     for name, fig in figures.items():
         if name == "llama.cpp":
             continue
-        for key, label in (("prefill_tok_s", f"prefill tok/s ({prompt_len}-token prompt)"),
+        for key, label in (("prefill_tok_s", f"prefill tok/s ({fig.get('prompt_tokens', prompt_len)}-token prompt)"),
                            ("decode_tok_s", f"decode tok/s ({fig.get('decode_tokens', n_decode)} tokens)")):
             row = {"section": "llm", "figure": f"{name}: {label}", "ours": fig[key]}
             if ref:

@@ -38,8 +38,15 @@ def activations(rng, shape, spread=3.0) -> np.ndarray:
     return x.astype(np.float32)
 
 
-def test_probe_finds_the_adapter_exact_enough(gpu, gops):
-    assert isinstance(gops.fused_fma, bool)
+def test_probe_finds_the_adapter_exact_enough(gpu, arun, gops):
+    assert set(gops.arithmetic) == {"FUSED_FMA", "EXACT_DIV", "EXACT_SQRT"}
+    # the emulations themselves, forced on: exact here too (NVIDIA needs div_x; lavapipe fma_x)
+    abc = probe_inputs()
+    got = arun(GgmlOps._run_probe(gpu, abc, {"FUSED_FMA": False, "EXACT_DIV": False, "EXACT_SQRT": False}))
+    a, b, c = abc[:, 0], abc[:, 1], abc[:, 2]
+    np.testing.assert_array_equal(got[:, 3], (a.astype(np.float64) * b + c.astype(np.float64)).astype(np.float32))
+    np.testing.assert_array_equal(got[:, 4], a / b)
+    np.testing.assert_array_equal(got[:, 5], np.sqrt(np.abs(a)))
     abc = probe_inputs()
     a, b, c = (abc[:, i].astype(np.float64) for i in range(3))
     fused = (a * b + c).astype(np.float32)

@@ -15,9 +15,10 @@ A layer (T tokens; decode T = 1, which also picks ggml's 64-lane f16 dot product
 Weights: Q4_1 and Q8_0 only (ggml's Q4_0 path is a repacked kernel on AVX2; K-quants need
 Q8_K activations): others are refused with the tensor's name, as in ggml_numerics.
 
-The adapter must divide and take square roots correctly rounded (WGSL allows 2.5 ulp): the
-probe run by ``GgmlOps.create`` checks that on crafted inputs and refuses otherwise. A fused
-fma is used where the probe finds one; elsewhere (lavapipe) ``fma_x`` emulates it exactly.
+WGSL allows 2.5 ulp for division and sqrt and does not promise a fused fma; the probe run by
+``GgmlOps.create`` finds what the adapter has (NVIDIA: fused fma, inexact division; lavapipe
+and SwiftShader: exact division and sqrt, unfused fma) and the kernels emulate the rest
+exactly (wgsl/ggml_lib.wgsl), which the probe checks too.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class GgmlOps:
 
     def __init__(self, dev: Device, kernels: dict, fused_fma: bool, matmul_wg: int = 64):
         self.dev, self.k, self.fused_fma, self.matmul_wg = dev, kernels, fused_fma, matmul_wg
+        self.arithmetic: dict = {}  # the probe's findings: FUSED_FMA, EXACT_DIV, EXACT_SQRT
         self._bufs: dict[str, Buffer] = {}
 
     @classmethod
@@ -71,8 +73,7 @@ class GgmlOps:
         bad = [TYPE_NAMES.get(t, t) for t in matrix_types if t not in GGML_TYPES]
         if bad:
             raise ValueError(f"numerics='ggml' runs Q4_1 and Q8_0 matrices, not {bad}")
-        fused = await cls.probe(dev)
-        c = {"FUSED_FMA": fused}
+        c = await cls.probe(dev)
         k = {name: await dev.kernel(f"ggml_{name}", **c)
              for name in ("rmsnorm", "quantize", "rope_kv", "swiglu")}
         for lanes in (16, 64):
@@ -81,38 +82,45 @@ class GgmlOps:
         wg = cpu_workgroup_size(dev) if dev.info.get("cpu_adapter") else 64  # CPU: its SIMD width
         for t in sorted(set(matrix_types)):
             k[f"matmul_{t}"] = await dev.kernel("ggml_matmul", QTYPE=t, WG=wg, **c)
-        return cls(dev, k, fused, wg)
+        ops = cls(dev, k, c["FUSED_FMA"], wg)
+        ops.arithmetic = c
+        return ops
 
     @staticmethod
-    async def probe(dev: Device) -> bool:
-        """Run wgsl/ggml_probe.wgsl: True if fma is fused. Raises AdapterNumericsError if
-        division or sqrt is not correctly rounded, or the emulated fma is wrong."""
-        abc = probe_inputs()
+    async def _run_probe(dev: Device, abc: np.ndarray, constants: dict) -> np.ndarray:
         n = abc.shape[0]
-        kern = await dev.kernel("ggml_probe")
-        src, out = dev.upload(abc.reshape(-1)), dev.create_buffer(16 * n, "ggml-probe")
+        kern = await dev.kernel("ggml_probe", **constants)
+        src, out = dev.upload(abc.reshape(-1)), dev.create_buffer(24 * n, "ggml-probe")
         b = dev.batch("ggml-probe")
         b.dispatch(kern, (_cdiv(n, 64), 1, 1), abc=src, out=out, n=n, zero=0)
         r = b.read(out)
-        got = np.frombuffer((await b.run())[r], np.float32).reshape(n, 4)
+        got = np.frombuffer((await b.run())[r], np.float32).reshape(n, 6)
         dev.destroy_buffer(src)
         dev.destroy_buffer(out)
+        return got
+
+    @classmethod
+    async def probe(cls, dev: Device) -> dict:
+        """Run wgsl/ggml_probe.wgsl: which of fma (fused), / and sqrt (correctly rounded) the
+        adapter has natively, as override constants for the kernels; then, compiled with those,
+        check that the emulations are exact. Raises AdapterNumericsError if they are not."""
+        abc = probe_inputs()
         a, bb, c = (abc[:, i] for i in range(3))
-        a64, b64, c64 = (v.astype(np.float64) for v in (a, bb, c))
-        fused = (a64 * b64 + c64).astype(np.float32)  # exact product; ties to a float are ~2^-29
+        fused = (a.astype(np.float64) * bb + c.astype(np.float64)).astype(np.float32)  # ties ~2^-29
         with np.errstate(all="ignore"):
-            div, sq = a / bb, np.sqrt(np.abs(a))
-        for col, want, what in ((1, div, "division"), (2, sq, "square root")):
-            wrong = int(np.count_nonzero(got[:, col] != want))
+            want = {1: a / bb, 2: np.sqrt(np.abs(a)), 3: fused}
+        native = await cls._run_probe(dev, abc, {"FUSED_FMA": False, "EXACT_DIV": True, "EXACT_SQRT": True})
+        constants = {"FUSED_FMA": bool(np.array_equal(native[:, 0], fused)),
+                     "EXACT_DIV": bool(np.array_equal(native[:, 1], want[1])),
+                     "EXACT_SQRT": bool(np.array_equal(native[:, 2], want[2]))}
+        got = await cls._run_probe(dev, abc, constants)
+        for col, ref, what in ((3, want[3], "fma"), (4, want[1], "division"), (5, want[2], "square root")):
+            wrong = int(np.count_nonzero(got[:, col] != ref))
             if wrong:
                 raise AdapterNumericsError(
-                    f"this adapter's float32 {what} is not correctly rounded ({wrong} of {n} probes "
-                    f"differ), so numerics='ggml' cannot reproduce llama.cpp here: use numerics='f32'")
-        wrong = int(np.count_nonzero(got[:, 3] != fused))
-        if wrong:
-            raise AdapterNumericsError(f"the emulated fma differs from a fused one in {wrong} of {n} probes "
-                                       f"on this adapter: numerics='ggml' is not available here")
-        return bool(np.array_equal(got[:, 0], fused))
+                    f"numerics='ggml' needs correctly rounded float32 {what}, and on this adapter its "
+                    f"emulation is off in {wrong} of {len(abc)} probes: use numerics='f32' here")
+        return constants
 
     @staticmethod
     def repack(raw, qtype: int, rows: int, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -156,7 +156,8 @@ async def profile(dev, g, path: str, n_ctx: int, tprs: list[int]) -> dict:
 async def bench(args) -> dict:
     dev = await open_device("native")
     res: dict = {"device": dev.info["device"], "adapter": dev.info.get("description") or dev.info["architecture"],
-                 "cpu_adapter": dev.info["cpu_adapter"], "model": args.model, "synthetic": bool(args.synthetic)}
+                 "cpu_adapter": dev.info["cpu_adapter"], "model": args.model, "synthetic": bool(args.synthetic),
+                 "numerics": args.numerics}
     path = args.model
     if args.synthetic:
         t = time.perf_counter()
@@ -165,7 +166,7 @@ async def bench(args) -> dict:
     g = read_gguf_path(path)
     n_ctx = max(args.prefill, args.prompt_tokens + args.decode + args.lookahead, 64 + 8 if args.check else 0) + 16
     t = time.perf_counter()
-    model = await GPULlama.load(dev, g, file_fetcher(path), n_ctx=n_ctx)
+    model = await GPULlama.load(dev, g, file_fetcher(path), n_ctx=n_ctx, numerics=args.numerics)
     res["load_s"] = round(time.perf_counter() - t, 2)
     cfg = model.cfg
     res["weight_bytes"] = model.weight_bytes
@@ -230,7 +231,7 @@ async def bench(args) -> dict:
     if args.check:
         from .llama_numpy import NumpyLlama
 
-        ref_model = NumpyLlama.from_path(path, n_ctx=n_ctx)
+        ref_model = NumpyLlama.from_path(path, n_ctx=n_ctx, numerics=args.numerics)
         prompt = vocab_ids(64)
         want = ref_model.forward(prompt, 0, last_only=True)[-1]
         got = await model.forward(prompt, 0, output="logits")
@@ -269,6 +270,8 @@ def main(argv=None) -> None:
     p.add_argument("--profile-ctx", type=int, default=2048, help="context of the profiled models")
     p.add_argument("--profile-tpr", type=lambda s: [int(x) for x in s.split(",")], default=[4, 8, 16, 32, 64],
                    help="matvec threads per row to compare, comma-separated")
+    p.add_argument("--numerics", choices=("f32", "ggml"), default="f32",
+                   help="ggml: llama.cpp's arithmetic bit for bit (gpu/ggml_ops.py)")
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args(argv)
     res = asyncio.run(bench(args))
