@@ -1,6 +1,6 @@
-// numerics="ggml", attention part 2: out[t, h, d] = sum over keys of p16[key] * v[key, d]
+// numerics="ggml", attention part 3 of 3: out[t, h, d] = sum over keys of p16[key] * v[key, d]
 // in ggml's lane order (key j to lane j % LANES in key order, then the lanes by halving;
-// LANES 64 in decode, 16 in batches), p16 from ggml_attn_probs.
+// LANES 64 in decode, 16 in batches), p16 from ggml_attn_softmax.
 // out rows at t * (n_heads * head_dim). One invocation per (token, head, dimension).
 // Grid: (min(G, 65535), ceil(G / 65535)) with G = ceil(n_tokens * n_heads * head_dim / 64).
 
@@ -26,15 +26,15 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
   let h = th % p.n_heads;
   let kvh = h / (p.n_heads / p.n_kv_heads);
   let n_valid = p.pos0 + t + 1u;
-  var lanes: array<f32, 64>;
+  var lanes: array<f32, 64>;  // LANES of them used (a private array cannot take an override size)
   for (var l = 0u; l < LANES; l++) { lanes[l] = 0.0; }
   let vb = p.v_off + kvh * p.ctx * hd + d;
-  for (var j = 0u; j < n_valid; j++) {
-    lanes[j % LANES] = lanes[j % LANES] + probs[th * p.n_keys + j] * cache[vb + j * hd];
+  let pb = th * p.n_keys;
+  for (var j0 = 0u; j0 < n_valid; j0 += LANES) {
+    let m = min(LANES, n_valid - j0);
+    for (var l = 0u; l < m; l++) { lanes[l] = lanes[l] + probs[pb + j0 + l] * cache[vb + (j0 + l) * hd]; }
   }
-  var n = LANES;
-  while (n > 1u) {
-    n = n / 2u;
+  for (var n = LANES / 2u; n > 0u; n = n / 2u) {
     for (var l = 0u; l < n; l++) { lanes[l] = lanes[l] + lanes[l + n]; }
   }
   out[i] = lanes[0];

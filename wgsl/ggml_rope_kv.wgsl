@@ -3,7 +3,7 @@
 // cos/sin table computed on the CPU (tab: cos (tab_n, n_rot / 2), then sin), then K and V
 // stored in the cache as f16 values (ggml_numerics.rope, attention).
 // qkv row t at t * qkv_stride: Q heads, K heads from k_off, V heads from v_off; Q is rotated
-// in place. cache: (2, n_kv_heads, ctx, head_dim), V at cache_v_off. Pairs (2i, 2i + 1), or
+// and rounded to f16 in place (attention only uses f16(q)). cache: (2, n_kv_heads, ctx, head_dim), V at cache_v_off. Pairs (2i, 2i + 1), or
 // (i, i + n_rot / 2) with neox; dimensions from n_rot on are not rotated.
 // One invocation per (token, head slot: Q heads, then K heads, then V heads).
 // Grid: (ceil(n_tokens * (n_heads + 2 n_kv_heads) / 64), 1, 1).
@@ -45,8 +45,14 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let sn = tab[p.tab_n * half + pos * half + i];
     let a = qkv[base + ia];
     let b = qkv[base + ib];
-    qkv[base + ia] = fma_x(a, c, -(b * sn));
-    qkv[base + ib] = fma_x(a, sn, b * c);
+    let ra = fma_x(a, c, -(b * sn));
+    let rb = fma_x(a, sn, b * c);
+    // Q is only ever used rounded to f16 (kq = mul_mat(k_f16, f16(q))): round it here, once
+    qkv[base + ia] = select(ra, f16r(ra), is_q);
+    qkv[base + ib] = select(rb, f16r(rb), is_q);
+  }
+  if (is_q) {  // the dimensions RoPE leaves alone
+    for (var d = p.n_rot; d < hd; d++) { qkv[base + d] = f16r(qkv[base + d]); }
   }
   if (!is_q) {
     let h = s - p.n_heads;

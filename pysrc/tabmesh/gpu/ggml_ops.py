@@ -69,21 +69,22 @@ class GgmlOps:
         self._bufs: dict[str, Buffer] = {}
 
     @classmethod
-    async def create(cls, dev: Device, matrix_types=GGML_TYPES) -> "GgmlOps":
+    async def create(cls, dev: Device, matrix_types=GGML_TYPES, head_dim: int = 64) -> "GgmlOps":
         bad = [TYPE_NAMES.get(t, t) for t in matrix_types if t not in GGML_TYPES]
         if bad:
             raise ValueError(f"numerics='ggml' runs Q4_1 and Q8_0 matrices, not {bad}")
         c = await cls.probe(dev)
         k = {name: await dev.kernel(f"ggml_{name}", **c)
-             for name in ("rmsnorm", "quantize", "rope_kv", "swiglu")}
+             for name in ("rmsnorm", "quantize", "rope_kv", "swiglu", "attn_softmax")}
         for lanes in (16, 64):
-            k[f"attn_probs_{lanes}"] = await dev.kernel("ggml_attn_probs", LANES=lanes, **c)
             k[f"attn_out_{lanes}"] = await dev.kernel("ggml_attn_out", LANES=lanes)
+        ops = cls(dev, k, c["FUSED_FMA"], 64)
+        ops.arithmetic = c
         wg = cpu_workgroup_size(dev) if dev.info.get("cpu_adapter") else 64  # CPU: its SIMD width
         for t in sorted(set(matrix_types)):
             k[f"matmul_{t}"] = await dev.kernel("ggml_matmul", QTYPE=t, WG=wg, **c)
-        ops = cls(dev, k, c["FUSED_FMA"], wg)
-        ops.arithmetic = c
+        ops.matmul_wg = wg
+        await ops.compile_attention(head_dim)
         return ops
 
     @staticmethod
@@ -217,21 +218,34 @@ class GgmlOps:
                   n_kv_heads: int, head_dim: int, pos0: int, ctx: int, q_stride: int) -> None:
         """out (n_tokens, n_heads * head_dim): causal GQA over the cache's positions 0 ..
         pos0 + t, as llama.cpp computes it for a batch of n_tokens (64 lanes when 1, else 16)."""
-        if head_dim > 256 or n_heads % n_kv_heads:
-            raise ValueError(f"ggml attention: head_dim {head_dim} > 256 or {n_heads} heads not a "
-                             f"multiple of {n_kv_heads} KV heads")
+        if n_heads % n_kv_heads:
+            raise ValueError(f"ggml attention: {n_heads} heads not a multiple of {n_kv_heads} KV heads")
         lanes = 64 if n_tokens == 1 else 16
         n_keys = pos0 + n_tokens
+        key = f"attn_scores_{lanes}_{head_dim}"
+        if key not in self.k:
+            raise ValueError(f"ggml attention for head_dim {head_dim} was not compiled (call "
+                             f"compile_attention first)")
         probs = self.scratch("probs", 4 * n_tokens * n_heads * n_keys)
         _need(out, n_tokens * n_heads * head_dim, "ggml attention out")
         scale = float(np.float32(1.0) / np.sqrt(np.float32(head_dim)))
-        b.dispatch(self.k[f"attn_probs_{lanes}"], (_cdiv(n_tokens * n_heads, 64), 1, 1), qkv=qkv, cache=cache,
-                   probs=probs, n_tokens=n_tokens, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
-                   pos0=pos0, ctx=ctx, q_stride=q_stride, n_keys=n_keys, scale=scale, zero=0)
+        b.dispatch(self.k[key], split_grid(_cdiv(n_tokens * n_heads * n_keys, 64)), qkv=qkv, cache=cache,
+                   scores=probs, n_tokens=n_tokens, n_heads=n_heads, n_kv_heads=n_kv_heads, pos0=pos0, ctx=ctx,
+                   q_stride=q_stride, n_keys=n_keys, scale=scale)
+        b.dispatch(self.k["attn_softmax"], (_cdiv(n_tokens * n_heads, 64), 1, 1), scores=probs,
+                   n_tokens=n_tokens, n_heads=n_heads, pos0=pos0, n_keys=n_keys, zero=0)
         b.dispatch(self.k[f"attn_out_{lanes}"], split_grid(_cdiv(n_tokens * n_heads * head_dim, 64)),
                    probs=probs, cache=cache, out=out, n_tokens=n_tokens, n_heads=n_heads,
                    n_kv_heads=n_kv_heads, head_dim=head_dim, pos0=pos0, ctx=ctx, n_keys=n_keys,
                    v_off=n_kv_heads * ctx * head_dim)
+
+    async def compile_attention(self, head_dim: int) -> None:
+        """The attention score kernels for this head size (a constant: their loops unroll)."""
+        if head_dim > 256 or head_dim % 4:
+            raise ValueError(f"ggml attention: head_dim {head_dim} must be a multiple of 4, at most 256")
+        for lanes in (16, 64):
+            self.k[f"attn_scores_{lanes}_{head_dim}"] = await self.dev.kernel("ggml_attn_scores", LANES=lanes,
+                                                                               HD=head_dim)
 
     def swiglu(self, b: Batch, gu: Buffer, out: Buffer, *, n_tokens: int, n: int,
                in_stride: int | None = None) -> None:

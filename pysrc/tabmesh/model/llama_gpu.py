@@ -248,7 +248,7 @@ class GPULlama:
 
     async def _setup_ggml(self, matrix_types: tuple, rope_table: np.ndarray | None) -> None:
         cfg = self.cfg
-        self.gops = await GgmlOps.create(self.dev, matrix_types)
+        self.gops = await GgmlOps.create(self.dev, matrix_types, cfg.head_dim)
         if rope_table is None:
             rope_table = ggml_rope_table(cfg, self.n_ctx)
         tab = np.ascontiguousarray(rope_table, dtype=np.float32).reshape(-1)
