@@ -344,3 +344,27 @@ def test_models_list():
     other = Engine(FakeModel(reply_policy([IM_END])), TOK, None, "other")
     assert [m["id"] for m in list_models([engine, other])["data"]] == ["tiny-chat", "other"]
     assert isinstance(engine.created, int)
+
+
+def test_json_object_mode_on_the_real_model():
+    """response_format json_object on SmolLM2 itself (numpy backend): the constrained output
+    parses as one JSON object, whole and streamed alike, and ends with finish_reason "stop"."""
+    from pathlib import Path
+
+    from tabmesh.model.loader import load_model
+
+    path = Path(__file__).resolve().parents[2] / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+        pytest.skip(f"{path} is absent (make setup fetches it)")
+    engine = run(load_model(str(path), backend="numpy", n_ctx=512)).engine
+    req = {"messages": [{"role": "user", "content": "Describe a cat as JSON with the keys name and age."}],
+           "temperature": 0, "max_tokens": 64, "response_format": {"type": "json_object"}}
+    r = run(create_chat_completion(engine, req))
+    out = r["choices"][0]["message"]["content"]
+    assert isinstance(json.loads(out), dict), out
+    assert r["choices"][0]["finish_reason"] == "stop" and r["usage"]["completion_tokens"] < 64
+
+    async def streamed():
+        chunks = await agather(await Client(engine).chat.completions.create(**req, stream=True))
+        return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert run(streamed()) == out
