@@ -9,8 +9,8 @@ orders (wgsl/ggml_*.wgsl say which), so the tokens are llama.cpp's.
 
 A layer (T tokens; decode T = 1, which also picks ggml's 64-lane f16 dot products):
     rmsnorm -> quantize (Q8_1 for Q4_1 weights, Q8_0 for Q8_0) -> matmul q|k|v (+ bias)
-    rope_kv (RoPE from a cos/sin table the CPU computed as glibc does; K, V to f16)
-    attn_probs -> attn_out -> quantize -> matmul wo (+= residual)
+    rope_kv (RoPE from a cos/sin table the CPU computed as glibc does; Q, K, V to f16)
+    attn_scores (per key) -> attn_softmax (per row) -> attn_out -> quantize -> matmul wo (+= residual)
     rmsnorm -> quantize -> matmul gate|up -> swiglu -> quantize -> matmul down (+= residual)
 Weights: Q4_1 and Q8_0 only (ggml's Q4_0 path is a repacked kernel on AVX2; K-quants need
 Q8_K activations): others are refused with the tensor's name, as in ggml_numerics.

@@ -34,7 +34,7 @@ likewise gate|up; otherwise each is its own matvec writing its slice of the fuse
 numerics="ggml" (``load(numerics="ggml")``): llama.cpp's CPU arithmetic bit for bit instead of
 float32 (gpu/ggml_ops.py: 8-bit activations before every matmul, f16 K/V, ggml's summation
 orders; RoPE from a cos/sin table computed as glibc computes it, ``rope_table``), so logits and
-greedy tokens equal llama.cpp's. Q4_1 / Q8_0 matrices only; about 13 dispatches per layer.
+greedy tokens equal llama.cpp's. Q4_1 / Q8_0 matrices only; 15 dispatches per layer.
 
 Qwen2's q/k/v biases: the embed kernel with an F32 "table" of one row (the bias) and ids
 all 0 broadcasts the bias into the QKV rows, and the projection then accumulates onto it.
