@@ -346,7 +346,7 @@ def attention_source(head_dim: int, group: int) -> str:
     A("")
     A("@group(0) @binding(0) var<uniform> p: Params;")
     A("@group(0) @binding(1) var<storage, read> q: array<f32>;")
-    A("@group(0) @binding(2) var<storage, read> kv: array<f32>;")
+    A("@group(0) @binding(2) var<storage, read> kv: array<vec4<f32>>;  // K/V rows: 16-byte loads")
     A("@group(0) @binding(3) var<storage, read_write> out: array<f32>;")
     A("")
     A("const NEG_BIG: f32 = -3.0e38;")
@@ -376,10 +376,13 @@ def attention_source(head_dim: int, group: int) -> str:
     for c in range(C):
         A(f"    let j{c} = min(j + {c}u, key1 - 1u);  // past key1: a duplicate, weighted 0")
         A(f"    let live{c} = j + {c}u < key1;")
+    xyzw = "xyzw"
     for c in range(C):
-        A(f"    let ko{c} = kb + j{c} * {D}u;")
+        A(f"    let ko{c} = (kb + j{c} * {D}u) >> 2u;")
+        for d4 in range(D // 4):
+            A(f"    let k{c}q{d4} = kv[ko{c} + {d4}u];")
         for d in range(D):
-            A(f"    let k{c}_{d} = kv[ko{c} + {d}u];")
+            A(f"    let k{c}_{d} = k{c}q{d // 4}.{xyzw[d % 4]};")
         for g in range(G):
             A(f"    let s{g}_{c} = select(NEG_BIG, {_tree([f'q{g}_{d} * k{c}_{d}' for d in range(D)])}, live{c});")
     for g in range(G):
@@ -393,10 +396,12 @@ def attention_source(head_dim: int, group: int) -> str:
         A(f"    l{g} = l{g} * corr{g} + {_tree([f'p{g}_{c}' for c in range(C)])};")
         A(f"    m{g} = mn{g};")
     for c in range(C):
-        A(f"    let vo{c} = vb + j{c} * {D}u;")
+        A(f"    let vo{c} = (vb + j{c} * {D}u) >> 2u;")
     for d in range(D):
         for c in range(C):
-            A(f"    let v{c}_{d} = kv[vo{c} + {d}u];")
+            if d % 4 == 0:
+                A(f"    let v{c}q{d // 4} = kv[vo{c} + {d // 4}u];")
+            A(f"    let v{c}_{d} = v{c}q{d // 4}.{xyzw[d % 4]};")
         for g in range(G):
             A(f"    a{g}_{d} = a{g}_{d} * corr{g} + {_tree([f'p{g}_{c} * v{c}_{d}' for c in range(C)])};")
     A("  }")

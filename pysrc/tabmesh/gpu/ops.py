@@ -257,7 +257,7 @@ class Ops:
                     q_stride=q_stride, q_off=q_off, ctx=ctx, k_off=k_off, v_off=v_off, pos0=pos0,
                     out_stride=out_stride, out_off=out_off, scale=scale)
         if (self.cpu and head_dim == self.cpu_attention_head_dim
-                and (n_heads // n_kv_heads) % self.cpu_attention_group == 0):
+                and (n_heads // n_kv_heads) % self.cpu_attention_group == 0 and v_off % 4 == 0):
             self._attention_cpu(b, dict(args, out=out))
             return
         split = self.attention_split_len
