@@ -12,7 +12,8 @@ import asyncio
 import json
 import logging
 import sys
-from typing import Any, Awaitable, Callable
+import time
+from typing import Any, Awaitable, Callable, Generator, TypeVar
 
 IN_PYODIDE = sys.platform == "emscripten"
 
@@ -20,7 +21,7 @@ log = logging.getLogger("tabmesh")
 
 if IN_PYODIDE:  # pragma: no cover - exercised by the browser tests
     import js  # type: ignore
-    from pyodide.ffi import JsException, create_proxy, to_js  # type: ignore
+    from pyodide.ffi import JsException, create_once_callable, create_proxy, to_js  # type: ignore
 else:
     js = None
     JsException = type("JsException", (Exception,), {})
@@ -123,3 +124,58 @@ class TaskSet:
 
     def __len__(self) -> int:
         return len(self._tasks)
+
+
+# ---- cooperative time slicing ---------------------------------------------------------------
+# Python in a tab runs on the page's thread: while it computes, no timer, input event or frame
+# of the page runs. Long computations (a forward pass, an embedding batch) therefore hand the
+# event loop back every SLICE_S seconds of work. Not with asyncio.sleep(0): Pyodide schedules
+# that with window.postMessage, and Chromium runs posted messages ahead of due timers, so a
+# chain of them starves every setTimeout/setInterval on the page (and Python's own
+# asyncio.sleep(delay) timers: signaling heartbeats) for the whole computation. A
+# setTimeout(0) instead runs after every timer already due. It is scheduled from the task the
+# coroutine resumed in (a posted message, timer nesting level 0), so the 4 ms clamp of nested
+# timers never applies: a yield costs well under a millisecond.
+SLICE_S = 0.04  # under the 50 ms that Chromium reports as a "long task"
+_last_yield = time.perf_counter()
+T = TypeVar("T")
+
+
+async def yield_to_browser() -> None:
+    """Let the browser run everything that is due (timers, input, rendering), then go on.
+    Under CPython: one turn of the asyncio loop."""
+    global _last_yield
+    if IN_PYODIDE:  # pragma: no cover - exercised by the browser tests
+        await js.Promise.new(create_once_callable(lambda resolve, _reject: js.setTimeout(resolve, 0)))
+    else:
+        await asyncio.sleep(0)
+    _last_yield = time.perf_counter()
+
+
+async def maybe_yield(slice_s: float = SLICE_S) -> None:
+    """``yield_to_browser()`` if more than ``slice_s`` passed since the last yield; else nothing
+    (a clock read): cheap enough to call between the layers of a forward pass."""
+    if time.perf_counter() - _last_yield >= slice_s:
+        await yield_to_browser()
+
+
+def run_steps(steps: Generator[Any, None, T]) -> T:
+    """Run a generator of work pieces (see ``run_sliced``) straight through, without pauses;
+    returns its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+async def run_sliced(steps: Generator[Any, None, T], slice_s: float = SLICE_S) -> T:
+    """Drive a generator that does its work in pieces (a forward pass yielding after each
+    layer), with ``maybe_yield`` between pieces; returns the generator's return value.
+    Exactly the work of running it straight through: only the pauses differ."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+        await maybe_yield(slice_s)

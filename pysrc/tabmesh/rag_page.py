@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .jsbridge import IN_PYODIDE, ProxyBag, TaskSet, js
+from .jsbridge import IN_PYODIDE, ProxyBag, TaskSet, js, yield_to_browser
 from .rag.answer import CitationStream, build_messages, find_citations
 from .rag.chunking import chunk_by_tokens
 from .rag.store import Collection, CollectionError, list_collections
@@ -47,8 +47,7 @@ log = logging.getLogger("tabmesh.rag")
 DEFAULT_COLLECTION = "default"
 CHUNK_TOKENS, CHUNK_OVERLAP = 200, 32
 BATCH_SIZE = 16                      # chunks per committed (and announced) batch
-EMBED_SLICE_CHARS = 600              # ~150 word-pieces: under a second of numpy on an idle core
-YIELD_S = 0.002                      # a timer (sleep(0) is a message task): timers due run first
+EMBED_SLICE_CHARS = 600              # ~150 word-pieces: texts embedded (and counted) per call
 SYNC_PAGE_OPS, SYNC_PAGE_BYTES = 256, 4 * 1024 * 1024
 ASK_MAX_PROMPT_TOKENS = 1536         # passages + question; the prefill is the slow part
 LOCK_WAIT_S = 3.0                    # how long to wait for another tab's collection lock
@@ -235,7 +234,7 @@ class RagService:
         """Embed in slices of about EMBED_SLICE_CHARS, yielding to the browser between them:
         numpy in the tab blocks its one thread (~5 ms a word-piece on an idle core), and
         signaling heartbeats, peer pings and the page must keep running during a long
-        ingestion."""
+        ingestion (the numpy encoder also pauses inside a slice: jsbridge.run_sliced)."""
         out, group, size = [], [], 0
         for i, text in enumerate(texts):
             group.append(text)
@@ -245,7 +244,7 @@ class RagService:
                 out.append(vectors)
                 self.embedded_texts += len(group)
                 group, size = [], 0
-                await asyncio.sleep(YIELD_S)
+                await yield_to_browser()  # a timer: timers already due run first
         return np.concatenate(out) if out else np.zeros((0, self._dim()), np.float32)
 
     async def _embed_query(self, texts: list[str]) -> np.ndarray:

@@ -285,6 +285,26 @@ def test_batched_equals_one_at_a_time(minilm, reference, ours_batched):
     assert np.abs(ours_batched[picks] - alone).max() < PAD_ATOL
 
 
+def test_embed_async_in_pieces_equals_embed(minilm, reference, ours_batched):
+    """The tab embeds through embed_async: numpy runs in pieces (each sequence's attention,
+    each FFN row block) with pauses for the browser between them; the same numbers."""
+    import asyncio
+
+    from tabmesh.jsbridge import run_sliced
+    texts = reference[0]
+    assert np.array_equal(asyncio.run(minilm.embed_async(texts)), ours_batched)
+    batch = minilm.tokenizer.pad(minilm.encode_texts(texts[:3]))
+    n = sum(1 for _ in minilm.model.embed_steps(batch))
+    assert n > 6  # at least one pause a layer
+    assert np.array_equal(asyncio.run(run_sliced(minilm.model.embed_steps(batch), slice_s=0.0)),
+                          minilm.model.embed(batch))
+    # a tab cuts the matmuls into pieces of rows (exact there: Pyodide's numpy has no BLAS;
+    # here OpenBLAS may round a row block differently in the last bit)
+    tab = NumpyBert(minilm.model.cfg, minilm.model.w, piece_rows=16)
+    assert sum(1 for _ in tab.embed_steps(batch)) > 2 * n
+    np.testing.assert_allclose(tab.embed(batch), minilm.model.embed(batch), rtol=0, atol=1e-6)
+
+
 def test_embed_wants_a_list(minilm):
     with pytest.raises(TypeError, match="list of texts"):
         minilm.embed("one text")

@@ -54,7 +54,7 @@ from tabmesh.gguf import parse_header, read_gguf_path
 from tabmesh.model.config import ContextLengthError, LlamaConfig, ModelConfigError
 from tabmesh.model.llama_numpy import NumpyLlama
 from tabmesh.model.requant import quantize_q8_0, requantize_q8_0, sha256_file
-from tabmesh.model.weights import (load_weights, tensors_needed, weights_from_path,
+from tabmesh.model.weights import (PIECE_ELEMENTS, load_weights, tensors_needed, weights_from_path,
                                    weights_from_ranges)
 from tabmesh.quants import GGMLType
 
@@ -360,6 +360,39 @@ def test_decode_after_prefill_equals_reprefill(q4_1, f32_fixture):
     assert model.n_past == n + 5
 
 
+def test_forward_in_pieces_is_the_same_arithmetic(q4_1):
+    """The tab drives ``forward_steps`` (one piece per layer, pausing for the browser in
+    between: jsbridge.run_sliced); the results are forward's, bit for bit, cache included."""
+    import asyncio
+
+    from tabmesh.jsbridge import run_sliced
+
+    prompt = [1, 504, 3575, 282, 4649, 314]
+    whole, pieces = new_model(q4_1), new_model(q4_1)
+    want = [whole.forward(prompt, 0, last_only=True), whole.forward([7042], len(prompt))]
+    steps = pieces.forward_steps(prompt, 0, last_only=True)
+    n = 0
+    while True:
+        try:
+            next(steps)
+            n += 1
+        except StopIteration as done:
+            got = [done.value]
+            break
+    assert n == q4_1[0].n_layers + 1  # after each layer, and before the output head
+    got.append(asyncio.run(run_sliced(pieces.forward_steps([7042], len(prompt)), slice_s=0.0)))
+    for a, b in zip(want, got):
+        assert np.array_equal(a, b)
+    assert np.array_equal(whole.k_cache, pieces.k_cache) and pieces.n_past == whole.n_past == len(prompt) + 1
+    # abandoned between layers: positions from start_pos on no longer count as written
+    half = pieces.forward_steps([5, 6], 3)
+    next(half)
+    half.close()
+    assert pieces.n_past == 3
+    with pytest.raises(ValueError, match="start_pos 5 must be in 0..3"):
+        pieces.forward([1], 5)
+
+
 def test_context_length_errors(q4_1):
     model = new_model(q4_1, n_ctx=16)
     with pytest.raises(ContextLengthError, match=r"17 tokens at position 0 need 17 positions.*context of 16"):
@@ -425,6 +458,12 @@ def test_weights_from_byte_ranges_equal_from_path(q4_1, smollm2):
             x, y = getattr(a, field), getattr(b, field)
             assert (x is None and y is None) or np.array_equal(x, y), field
     assert np.array_equal(from_ranges.output, from_path.output)
+    # the embedding table is dequantized in pieces of rows (a tab pauses between them)
+    info = g.tensors["token_embd.weight"]
+    assert info.n_elements > PIECE_ELEMENTS
+    with open(smollm2, "rb") as f:
+        f.seek(info.offset)
+        assert np.array_equal(from_path.output, g.tensor_array(info.name, f.read(info.nbytes)))
     with pytest.raises(GGUFError, match="not inside any of the"):
         weights_from_ranges(cfg, g, layers, blobs[1:])
 

@@ -33,6 +33,7 @@ from typing import Any, Awaitable, Callable, Protocol
 import numpy as np
 
 from ..errors import TabmeshError
+from ..jsbridge import run_sliced
 from . import cluster_messages as cm
 
 log = logging.getLogger("tabmesh.pipeline")
@@ -84,8 +85,8 @@ class NumpyStage:
         self.is_first, self.is_last = llama.is_first, llama.is_last
 
     async def run(self, x, pos: int, want: str):
-        out = self.llama.forward(x, pos, last_only=True)
-        await asyncio.sleep(0)   # the page breathes between steps
+        # the page breathes between layers (see jsbridge.run_sliced)
+        out = await run_sliced(self.llama.forward_steps(x, pos, last_only=True))
         if not self.is_last:
             return out
         return int(np.argmax(out[-1])) if want == "argmax" else out[-1]

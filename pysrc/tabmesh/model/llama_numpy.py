@@ -43,10 +43,11 @@ Two numerics, chosen at construction:
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Generator, Sequence
 
 import numpy as np
 
+from ..jsbridge import run_steps
 from . import ggml_numerics
 from .config import ContextLengthError, LlamaConfig, check_span
 from .weights import ModelWeights, check_layers, weights_from_path
@@ -191,6 +192,15 @@ class NumpyLlama:
 
         Returns logits (n_tokens, n_vocab) on the last stage (just the last token's,
         (1, n_vocab), with ``last_only``), else hidden states (n_tokens, n_embd)."""
+        return run_steps(self.forward_steps(x, start_pos, last_only=last_only))
+
+    def forward_steps(self, x: Sequence[int] | np.ndarray, start_pos: int, *,
+                      last_only: bool = False) -> Generator[None, None, np.ndarray]:
+        """``forward`` in pieces: a generator that yields (None) after each layer and before
+        the output head, and returns what ``forward`` returns. A caller on the browser's
+        thread pauses between the pieces (``jsbridge.run_sliced``); the arithmetic is
+        ``forward``'s. Input errors are raised at the first ``next``, before the cache is
+        touched."""
         cfg = self.cfg
         h = self._input(x)  # (T, n_embd)
         n_tokens = h.shape[0]
@@ -205,6 +215,9 @@ class NumpyLlama:
                                                      _swiglu_f32, None)
             cos, sin = rope_tables(cfg, start_pos, n_tokens)  # (T, 1, n_rot/2) each
 
+        # until the last layer is done, positions start_pos.. are half-written (this call may
+        # fail, or be abandoned at a pause between layers)
+        self.n_past = min(self.n_past, start_pos)
         for li, w in enumerate(self.w.blocks):
             # attention
             xn = norm(h, w.attn_norm, cfg.rms_eps)  # (T, n_embd)
@@ -227,10 +240,12 @@ class NumpyLlama:
             # feed-forward (SwiGLU)
             xn = norm(h, w.ffn_norm, cfg.rms_eps)  # (T, n_embd)
             h += mms(glu(*mms(xn, [w.w_gate, w.w_up])), [w.w_down])[0]
+            yield
 
         self.n_past = end
         if not self.is_last:
             return h  # (T, n_embd)
+        yield  # the output head is a layer's worth of work of its own (n_vocab x n_embd)
         if last_only:
             h = h[-1:]
         return mms(norm(h, self.w.output_norm, cfg.rms_eps), [self.w.output])[0]  # (T or 1, n_vocab)

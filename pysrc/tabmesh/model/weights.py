@@ -27,6 +27,8 @@ import numpy as np
 
 from tabmesh.errors import GGUFError
 from tabmesh.gguf import read_gguf_path
+from tabmesh.jsbridge import run_steps
+from tabmesh.quants import format_for
 
 from .config import LlamaConfig, ModelConfigError
 
@@ -152,12 +154,39 @@ def tensors_needed(cfg: LlamaConfig, gguf: Any, layers: range) -> list[str]:
     return [name for name in gguf.tensors if name in wanted]
 
 
+PIECE_ELEMENTS = 1 << 21  # larger tensors (the embedding table: 28 M values) dequantize in pieces
+
+
+def iter_tensor_array(gguf: Any, name: str, raw: bytes | bytearray | memoryview):
+    """``gguf.tensor_array(name, raw)`` a block of rows at a time for a 2-D tensor of more
+    than PIECE_ELEMENTS values: a generator that yields between the blocks and returns the
+    whole array. The same values: every row is whole quantization blocks, dequantized
+    independently of the others."""
+    info = gguf.tensors[name]
+    shape = info.np_shape
+    if info.n_elements <= PIECE_ELEMENTS or len(shape) != 2 or memoryview(raw).nbytes != info.nbytes:
+        return gguf.tensor_array(name, raw)  # (which also reports a wrong size)
+    fmt = format_for(info.ggml_type, name)
+    n_rows, n_cols = shape
+    row_bytes = info.nbytes // n_rows
+    step = max(1, PIECE_ELEMENTS // n_cols)
+    data = memoryview(raw).cast("B")
+    out = np.empty(shape, np.float32)
+    for r in range(0, n_rows, step):
+        k = min(step, n_rows - r)
+        piece = data[r * row_bytes:(r + k) * row_bytes]
+        out[r:r + k] = fmt.dequantize(piece, k * n_cols, name).reshape(k, n_cols)
+        yield
+    return out
+
+
 def iter_load_weights(cfg: LlamaConfig, gguf: Any, layers: range,
                       raw_of: Callable[[str], bytes | bytearray | memoryview]):
     """Dequantize the tensors ``layers`` needs, one layer at a time: yields after each
-    layer (so a tab can return to its event loop) and returns the ModelWeights at the end
-    (``StopIteration.value``; `load_weights` wraps this for synchronous callers).
-    ``raw_of(name)`` returns exactly that tensor's raw bytes (``gguf.tensors[name].nbytes``)."""
+    layer, and between pieces of the embedding table (so a tab can return to its event
+    loop), and returns the ModelWeights at the end (``StopIteration.value``; `load_weights`
+    wraps this for synchronous callers). ``raw_of(name)`` returns exactly that tensor's raw
+    bytes (``gguf.tensors[name].nbytes``)."""
     names = tensors_needed(cfg, gguf, layers)
 
     def get(name: str) -> np.ndarray:
@@ -170,11 +199,14 @@ def iter_load_weights(cfg: LlamaConfig, gguf: Any, layers: range,
                        if f"blk.{i}.{suffix}" in names})
         blocks.append(LayerWeights(**fields))
         yield i
-    tok_embd = get("token_embd.weight") if "token_embd.weight" in names else None
+    tok_embd = None
+    if "token_embd.weight" in names:
+        tok_embd = yield from iter_tensor_array(gguf, "token_embd.weight", raw_of("token_embd.weight"))
     output_norm = output = None
     if layers.stop == cfg.n_layers:
         output_norm = get("output_norm.weight")
-        output = tok_embd if cfg.tied_output else get("output.weight")
+        output = tok_embd if cfg.tied_output else (
+            yield from iter_tensor_array(gguf, "output.weight", raw_of("output.weight")))
         if layers.start != 0:  # tied, needed only as the output projection
             tok_embd = None
     return ModelWeights(layers=layers, blocks=blocks, tok_embd=tok_embd,
@@ -184,12 +216,7 @@ def iter_load_weights(cfg: LlamaConfig, gguf: Any, layers: range,
 def load_weights(cfg: LlamaConfig, gguf: Any, layers: range,
                  raw_of: Callable[[str], bytes | bytearray | memoryview]) -> ModelWeights:
     """Dequantize the tensors ``layers`` needs (see iter_load_weights)."""
-    steps = iter_load_weights(cfg, gguf, layers, raw_of)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
+    return run_steps(iter_load_weights(cfg, gguf, layers, raw_of))
 
 
 def weights_from_ranges(cfg: LlamaConfig, gguf: Any, layers: range,

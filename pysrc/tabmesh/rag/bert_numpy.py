@@ -27,11 +27,12 @@ import inspect
 import json
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Generator, Sequence
 
 import numpy as np
 
 from ..errors import TabmeshError
+from ..jsbridge import IN_PYODIDE, run_sliced, run_steps
 from .safetensors import SafetensorsFile, read_safetensors_path
 from .wordpiece import Batch, Encoding, WordPieceTokenizer
 
@@ -48,6 +49,7 @@ FFN_ROWS = 256  # rows of the (tokens, 1536) FFN activation computed at once
 # Threads on GEMMs this small cost more than they save, and on busy cores 5-10x more.
 ATTN_BLOCK = 8192
 DEFAULT_MAX_BATCH_TOKENS = 4096  # padded tokens a batch: bounds its activations (~50 MiB)
+TAB_PIECE_ROWS = 32  # a (32, 384) x (384, 1536) matmul: ~25-50 ms of Pyodide numpy
 
 
 class BertConfigError(TabmeshError):
@@ -217,16 +219,44 @@ def gelu(x: np.ndarray) -> np.ndarray:
 
 class NumpyBert:
     """The encoder: ``forward`` gives the last hidden states, ``embed`` the pooled,
-    normalized sentence embeddings of a padded batch."""
+    normalized sentence embeddings of a padded batch.
 
-    def __init__(self, cfg: BertConfig, weights: BertWeights) -> None:
+    ``piece_rows``: token rows per matmul piece of ``forward_steps``. 0: whole projections
+    and the FFN in FFN_ROWS blocks (the default natively). TAB_PIECE_ROWS (the default in a
+    tab) keeps each piece a few tens of ms, so the page can run between them; Pyodide's
+    numpy has no BLAS, and its matmul sums each output element on its own, so cutting rows
+    changes no number there."""
+
+    def __init__(self, cfg: BertConfig, weights: BertWeights, piece_rows: int | None = None) -> None:
         self.cfg = cfg
         self.w = weights
+        self.piece_rows = (TAB_PIECE_ROWS if IN_PYODIDE else None) if piece_rows is None else piece_rows
+
+    def _project(self, x: np.ndarray, w: np.ndarray) -> Generator[None, None, np.ndarray]:
+        """x @ w, in pieces of piece_rows rows (a pause after each)."""
+        n, step = x.shape[0], self.piece_rows
+        if not step or n <= step:
+            out = x @ w
+            yield
+            return out
+        out = np.empty((n, w.shape[1]), np.float32)
+        for r in range(0, n, step):
+            np.matmul(x[r:r + step], w, out=out[r:r + step])
+            yield
+        return out
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray,
                 token_type_ids: np.ndarray | None = None) -> np.ndarray:
         """input_ids, attention_mask, token_type_ids (B, T) ints -> hidden (B, T, H) float32.
         Rows of padding positions are computed but meaningless."""
+        return run_steps(self.forward_steps(input_ids, attention_mask, token_type_ids))
+
+    def forward_steps(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+                      token_type_ids: np.ndarray | None = None) -> Generator[None, None, np.ndarray]:
+        """``forward`` in pieces: a generator that yields between its matmuls (the q/k/v
+        projection, each attention block, the FFN's two projections and GELU of each row
+        block) and returns forward's hidden states. A tab pauses between the pieces
+        (``jsbridge.run_sliced``); the arithmetic is forward's."""
         cfg, w = self.cfg, self.w
         ids = np.asarray(input_ids)
         mask = np.asarray(attention_mask)
@@ -254,7 +284,7 @@ class NumpyBert:
         scale = np.float32(1.0 / np.sqrt(hd))
         a = np.empty((B, T, nh, hd), dtype=np.float32)  # attention output, heads side by side
         for L in w.layers:
-            qkv = (x @ L.w_qkv).reshape(B, T, 3, nh, hd)
+            qkv = (yield from self._project(x, L.w_qkv)).reshape(B, T, 3, nh, hd)
             qkv += L.b_qkv.reshape(3, nh, hd)
             # (B, nh, T, hd) each, contiguous: numpy's stacked matmul is slow on strided input
             q, k, v = (np.ascontiguousarray(qkv[:, :, j].transpose(0, 2, 1, 3)) for j in range(3))
@@ -271,25 +301,35 @@ class NumpyBert:
                     np.exp(scores, out=scores)
                     scores /= scores.sum(axis=-1, keepdims=True)
                     a[b, r:r + rows] = (scores @ vb).transpose(1, 0, 2)  # (rows, nh, hd)
-            h = a.reshape(B * T, H) @ L.w_o
+                    yield
+            h = yield from self._project(a.reshape(B * T, H), L.w_o)
             h += L.b_o
             h += x
             x = layer_norm(h, L.ln1_w, L.ln1_b, eps)
             out = np.empty_like(x)
-            for r in range(0, B * T, FFN_ROWS):  # row blocks: the 1536-wide part stays in cache
-                xb = x[r:r + FFN_ROWS]
+            block = min(FFN_ROWS, self.piece_rows or FFN_ROWS)
+            for r in range(0, B * T, block):  # row blocks: the 1536-wide part stays in cache
+                xb = x[r:r + block]
                 hb = xb @ L.w_in
                 hb += L.b_in
-                ob = gelu(hb) @ L.w_out
+                yield
+                hb = gelu(hb)
+                yield
+                ob = hb @ L.w_out
                 ob += L.b_out
                 ob += xb
-                out[r:r + FFN_ROWS] = ob
+                out[r:r + block] = ob
+                yield
             x = layer_norm(out, L.ln2_w, L.ln2_b, eps)
         return x.reshape(B, T, H)
 
     def embed(self, batch: Batch) -> np.ndarray:
         """Padded batch -> (B, H) mean-pooled, L2-normalized float32 embeddings."""
-        hidden = self.forward(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+        return run_steps(self.embed_steps(batch))
+
+    def embed_steps(self, batch: Batch) -> Generator[None, None, np.ndarray]:
+        """``embed`` in pieces (see ``forward_steps``)."""
+        hidden = yield from self.forward_steps(batch.input_ids, batch.attention_mask, batch.token_type_ids)
         m = batch.attention_mask.astype(np.float32)[:, :, None]  # (B, T, 1)
         pooled = (hidden * m).sum(axis=1) / np.maximum(m.sum(axis=1), np.float32(1e-9))
         norm = np.linalg.norm(pooled, axis=1, keepdims=True)
@@ -360,16 +400,21 @@ class SentenceEmbedder:
     async def embed_async(self, texts: Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE,
                           max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> np.ndarray:
         """``embed`` for either model: awaits one whose ``embed`` is a coroutine (GPUBert,
-        rag/bert_gpu.py), calls NumpyBert's directly."""
+        rag/bert_gpu.py), runs NumpyBert's in pieces with pauses for the browser between
+        them (``jsbridge.run_sliced``: the same numbers as ``embed``)."""
         return (await self.embed_counted(texts, batch_size, max_batch_tokens))[0]
 
     async def embed_counted(self, texts: Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE,
                             max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> tuple[np.ndarray, int]:
         """``embed_async`` plus the number of tokens the texts were cut into (API usage)."""
         out, plan, n_tokens = self._plan(texts, batch_size, max_batch_tokens)
+        steps = getattr(self.model, "embed_steps", None)
         for rows, batch in plan:
-            vecs = self.model.embed(batch)
-            out[rows] = await vecs if inspect.isawaitable(vecs) else vecs
+            if steps is not None:  # numpy, on the page's thread in a tab: pause between pieces
+                out[rows] = await run_sliced(steps(batch))
+            else:
+                vecs = self.model.embed(batch)
+                out[rows] = await vecs if inspect.isawaitable(vecs) else vecs
         return out, n_tokens
 
     def _plan(self, texts: Sequence[str], batch_size: int, max_batch_tokens: int):
