@@ -27,21 +27,12 @@ import numpy as np
 
 from .device import Batch, Buffer, Device
 from .errors import GPUError
-from .ops import cpu_workgroup_size, split_grid
+from .ops import _cdiv, _need, cpu_workgroup_size, split_grid
 from .reference import Q4_1, Q8_0, TYPE_NAMES
 
 GGML_TYPES = (Q4_1, Q8_0)
 QUANT_BYTES = {Q4_1: 16, Q8_0: 32}  # a block's quants, apart from its scales (``repack``)
 BLOCK_BYTES = {Q4_1: 20, Q8_0: 34}
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _need(buf: Buffer, n_words: int, what: str) -> None:
-    if n_words * 4 > buf.size:
-        raise ValueError(f"{what}: needs {n_words * 4} B but {buf} holds {buf.size} B")
 
 
 class AdapterNumericsError(GPUError):
