@@ -86,7 +86,12 @@ def test_a_throttled_node_gets_a_smaller_share(app, baseline):
 def test_malformed_oversized_and_out_of_range_cluster_frames_are_dropped(open_node, room):
     import struct
     from tabmesh.mesh.frames import Kind, encode_message
-    a, b = open_node(room + "&mesh=1"), open_node(room + "&mesh=1")   # both take part in the mesh
+    # both take part in the mesh; b boots only once a has finished its own mesh set-up, so that
+    # a's heartbeats do not stall past the test server's 2 s while two tabs boot on two cores
+    # (the page does not reconnect a dropped signaling connection)
+    a = open_node(room + "&mesh=1")
+    a.page.wait_for_function("tabmesh.mesh.status().ready", timeout=config.BOOT_TIMEOUT_MS)
+    b = open_node(room + "&mesh=1")
     a.wait_peers(lambda ps: any(p["state"] == "open" for p in ps), timeout_s=90, what="a channel between the tabs")
     b.page.wait_for_function("tabmesh.mesh.status().ready", timeout=config.BOOT_TIMEOUT_MS)
     before = b.page.evaluate("tabmesh.mesh.status().dropped")
